@@ -1,0 +1,311 @@
+//! The producer client: enqueue, read status, wait for a result.
+//!
+//! Enqueue flow: validate → insert the durable record (idempotent per tenant key) →
+//! publish with publisher confirms → on any broker refusal delete the record, so a failed
+//! enqueue leaves nothing half-written.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
+use lapin::publisher_confirm::Confirmation;
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::Row;
+use uuid::Uuid;
+
+use crate::error::{Error, Result};
+use crate::protocol::{CompletionResult, ErrorSummary, JobEnvelope, JobId, JobState, JobStatus};
+use crate::topology::Topology;
+use crate::validate::{validate, Limits};
+use crate::NewJob;
+
+/// Settings of a [`Client`].
+#[derive(Clone, Debug)]
+pub struct ClientConfig {
+    /// `amqp://user:pass@host:5672/vhost`
+    pub amqp_url: String,
+    /// `postgres://user:pass@host:5432/db`
+    pub database_url: String,
+    /// Queue/exchange name prefix; must match the workers'.
+    pub queue_prefix: String,
+    /// Bounds checked before anything is written.
+    pub limits: Limits,
+    /// Database connections kept open.
+    pub max_db_connections: u32,
+}
+
+impl ClientConfig {
+    /// Defaults (`llmq` prefix, default limits) for these URLs.
+    pub fn new(amqp_url: impl Into<String>, database_url: impl Into<String>) -> Self {
+        Self {
+            amqp_url: amqp_url.into(),
+            database_url: database_url.into(),
+            queue_prefix: "llmq".into(),
+            limits: Limits::default(),
+            max_db_connections: 10,
+        }
+    }
+}
+
+/// The result of [`Client::enqueue_envelope`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Enqueued {
+    /// The job's id (the first job's, for a repeated idempotency key).
+    pub id: JobId,
+    /// True when the idempotency key matched an existing job and nothing new was enqueued.
+    pub duplicate: bool,
+}
+
+/// Enqueues jobs and reads their status. Cheap to clone; share one per process.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), llmq_producer_sdk::Error> {
+/// use std::time::Duration;
+/// use llmq_producer_sdk::{ChatMessage, Client, NewJob};
+///
+/// let client = Client::connect(
+///     "amqp://guest:guest@127.0.0.1:5672/%2f",
+///     "postgres://postgres:postgres@127.0.0.1:5432/llmq",
+/// )
+/// .await?;
+/// let id = client
+///     .enqueue(NewJob::new("acme", "gpt-4o-mini", vec![ChatMessage::user("Say hi")]).max_tokens(64))
+///     .await?;
+/// let done = client.wait(id, Duration::from_secs(60)).await?;
+/// println!("{}: {:?}", done.state, done.result.map(|r| r.content));
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct Client {
+    pool: PgPool,
+    channel: Channel,
+    _connection: Arc<Connection>,
+    topology: Topology,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("topology", &self.topology).finish_non_exhaustive()
+    }
+}
+
+impl Client {
+    /// Connects with default settings.
+    pub async fn connect(amqp_url: &str, database_url: &str) -> Result<Self> {
+        Self::connect_with(ClientConfig::new(amqp_url, database_url)).await
+    }
+
+    /// Connects with explicit settings, declares the broker topology and checks the schema.
+    pub async fn connect_with(config: ClientConfig) -> Result<Self> {
+        let pool = PgPoolOptions::new()
+            .max_connections(config.max_db_connections)
+            .acquire_timeout(Duration::from_secs(10))
+            .connect(&config.database_url)
+            .await
+            .map_err(|e| Error::Connect { service: "PostgreSQL", reason: e.to_string() })?;
+        Self::connect_with_pool(config, pool).await
+    }
+
+    /// Like [`Client::connect_with`], reusing an existing database pool.
+    pub async fn connect_with_pool(config: ClientConfig, pool: PgPool) -> Result<Self> {
+        let present: Option<String> = sqlx::query_scalar("SELECT to_regclass('jobs')::text")
+            .fetch_one(&pool)
+            .await?;
+        if present.is_none() {
+            return Err(Error::SchemaMissing("table `jobs` does not exist".into()));
+        }
+        let connection = connect_amqp(&config.amqp_url, "llmq-producer").await?;
+        let channel = connection.create_channel().await?;
+        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        let topology = Topology::new(config.queue_prefix);
+        topology.declare(&channel).await?;
+        Ok(Self {
+            pool,
+            channel,
+            _connection: Arc::new(connection),
+            topology,
+            limits: config.limits,
+        })
+    }
+
+    /// Whether the broker channel is open.
+    pub fn is_connected(&self) -> bool {
+        self.channel.status().connected()
+    }
+
+    /// The limits enqueued jobs are checked against.
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// Enqueues a job and returns its id at once. With an idempotency key already used by
+    /// this tenant, returns the first job's id and enqueues nothing.
+    pub async fn enqueue(&self, job: NewJob) -> Result<JobId> {
+        Ok(self.enqueue_envelope(job.into_envelope()).await?.id)
+    }
+
+    /// Enqueues a ready envelope (used by the HTTP API).
+    pub async fn enqueue_envelope(&self, envelope: JobEnvelope) -> Result<Enqueued> {
+        validate(&envelope, &self.limits)?;
+        let body = envelope.encode();
+        let inserted: Option<Uuid> = sqlx::query_scalar(
+            "WITH j AS (
+                INSERT INTO jobs (id, tenant, idempotency_key, state, model, priority,
+                                  max_attempts, envelope, deadline, created_at)
+                VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8, $9)
+                ON CONFLICT (tenant, idempotency_key) DO NOTHING
+                RETURNING id, created_at)
+             INSERT INTO job_transitions (job_id, state, at)
+             SELECT id, 'queued', created_at FROM j
+             RETURNING job_id",
+        )
+        .bind(envelope.id.0)
+        .bind(&envelope.tenant)
+        .bind(&envelope.idempotency_key)
+        .bind(&envelope.route.model)
+        .bind(i16::from(envelope.priority))
+        .bind(i32::try_from(envelope.max_attempts).unwrap_or(i32::MAX))
+        .bind(sqlx::types::Json(&envelope))
+        .bind(envelope.deadline)
+        .bind(envelope.created_at)
+        .fetch_optional(&self.pool)
+        .await?;
+
+        if inserted.is_none() {
+            let existing: Uuid = sqlx::query_scalar(
+                "SELECT id FROM jobs WHERE tenant = $1 AND idempotency_key = $2",
+            )
+            .bind(&envelope.tenant)
+            .bind(&envelope.idempotency_key)
+            .fetch_one(&self.pool)
+            .await?;
+            return Ok(Enqueued { id: JobId(existing), duplicate: true });
+        }
+
+        if let Err(e) = self.publish(&envelope, body).await {
+            // Nothing half-written: the job never existed.
+            sqlx::query("DELETE FROM jobs WHERE id = $1")
+                .bind(envelope.id.0)
+                .execute(&self.pool)
+                .await?;
+            return Err(e);
+        }
+        Ok(Enqueued { id: envelope.id, duplicate: false })
+    }
+
+    async fn publish(&self, envelope: &JobEnvelope, body: Vec<u8>) -> Result<()> {
+        let mut headers = FieldTable::default();
+        headers.insert(ShortString::from("x-llmq-version"), AMQPValue::LongUInt(envelope.version));
+        headers.insert(ShortString::from("x-llmq-tenant"), AMQPValue::LongString(envelope.tenant.clone().into()));
+        if let Some(tc) = &envelope.trace_context {
+            headers.insert(ShortString::from("traceparent"), AMQPValue::LongString(tc.traceparent.clone().into()));
+        }
+        let props = BasicProperties::default()
+            .with_message_id(envelope.id.to_string().into())
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_headers(headers);
+        let confirm = self
+            .channel
+            .basic_publish(
+                "",
+                &self.topology.work_queue(),
+                BasicPublishOptions { mandatory: true, ..Default::default() },
+                &body,
+                props,
+            )
+            .await?
+            .await?;
+        match confirm {
+            Confirmation::Ack(None) => Ok(()),
+            Confirmation::Ack(Some(_)) => Err(Error::NotConfirmed(envelope.id, "work queue missing; message returned")),
+            Confirmation::Nack(_) => Err(Error::NotConfirmed(envelope.id, "broker nacked the message")),
+            Confirmation::NotRequested => Err(Error::NotConfirmed(envelope.id, "confirms not enabled")),
+        }
+    }
+
+    /// The job's status, whichever tenant owns it.
+    pub async fn status(&self, id: JobId) -> Result<JobStatus> {
+        fetch_status(&self.pool, id, None).await?.ok_or(Error::NotFound(id))
+    }
+
+    /// The job's status if `tenant` owns it; [`Error::NotFound`] otherwise.
+    pub async fn status_for_tenant(&self, id: JobId, tenant: &str) -> Result<JobStatus> {
+        fetch_status(&self.pool, id, Some(tenant)).await?.ok_or(Error::NotFound(id))
+    }
+
+    /// Waits until the job reaches a terminal state, or `timeout` passes.
+    pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<JobStatus> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut pause = Duration::from_millis(25);
+        loop {
+            let status = self.status(id).await?;
+            if status.state.is_terminal() {
+                return Ok(status);
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(Error::Timeout { id, state: status.state });
+            }
+            tokio::time::sleep(pause.min(deadline - now)).await;
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+}
+
+/// Opens an AMQP connection driven by the current tokio runtime.
+pub async fn connect_amqp(url: &str, name: &str) -> Result<Connection> {
+    let props = ConnectionProperties::default()
+        .with_connection_name(name.into())
+        .with_executor(tokio_executor_trait::Tokio::current())
+        .with_reactor(tokio_reactor_trait::Tokio);
+    Connection::connect(url, props)
+        .await
+        .map_err(|e| Error::Connect { service: "RabbitMQ", reason: e.to_string() })
+}
+
+/// Reads one job's status; `tenant` restricts it to that owner.
+pub async fn fetch_status(pool: &PgPool, id: JobId, tenant: Option<&str>) -> Result<Option<JobStatus>> {
+    let row = sqlx::query(
+        "SELECT id, tenant, state, model, attempts, max_attempts, created_at, updated_at,
+                finished_at, result, error_class, error_message, envelope->'metadata' AS metadata
+         FROM jobs WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
+    )
+    .bind(id.0)
+    .bind(tenant)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let state: String = row.try_get("state")?;
+    let state: JobState = state
+        .parse()
+        .map_err(|e: crate::protocol::UnknownState| Error::Database(sqlx::Error::Decode(e.into())))?;
+    let result: Option<sqlx::types::Json<CompletionResult>> = row.try_get("result")?;
+    let error_class: Option<String> = row.try_get("error_class")?;
+    let error_message: Option<String> = row.try_get("error_message")?;
+    let metadata: Option<sqlx::types::Json<serde_json::Map<String, serde_json::Value>>> =
+        row.try_get("metadata")?;
+    let attempts: i32 = row.try_get("attempts")?;
+    let max_attempts: i32 = row.try_get("max_attempts")?;
+    Ok(Some(JobStatus {
+        id: JobId(row.try_get("id")?),
+        tenant: row.try_get("tenant")?,
+        state,
+        model: row.try_get("model")?,
+        attempts: u32::try_from(attempts).unwrap_or(0),
+        max_attempts: u32::try_from(max_attempts).unwrap_or(0),
+        created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
+        updated_at: row.try_get::<DateTime<Utc>, _>("updated_at")?,
+        finished_at: row.try_get("finished_at")?,
+        result: result.map(|j| j.0),
+        last_error: error_class.map(|class| ErrorSummary {
+            class,
+            message: error_message.unwrap_or_default(),
+        }),
+        metadata: metadata.map(|m| m.0).unwrap_or_default(),
+    }))
+}

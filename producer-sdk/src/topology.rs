@@ -1,0 +1,106 @@
+//! The broker topology both sides agree on, derived from one prefix.
+//!
+//! - `<prefix>.work`: durable quorum work queue; messages that exceed the redelivery limit
+//!   are dead-lettered to `<prefix>.dead`.
+//! - `<prefix>.dead`: the dead-letter queue an operator lists and replays.
+//! - `<prefix>.delay.<N>s`: retry delay queues; a message waits there N seconds and is
+//!   dead-lettered back to the work queue, so a waiting retry holds no worker.
+//! - `<prefix>.events`: topic exchange of job transitions, routing key `<tenant>.<state>`.
+
+use lapin::options::{ExchangeDeclareOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Channel, ExchangeKind};
+
+/// How many times a message may be delivered before the broker dead-letters it (a message
+/// that crashes workers ends in the dead-letter queue instead of looping).
+pub const DELIVERY_LIMIT: i64 = 5;
+
+/// Retry delay tiers, in seconds. A retry waits in the smallest tier at least as long as
+/// the delay it needs, so a provider's Retry-After is never shortened; each tier is its own
+/// queue with a fixed TTL, so no message waits behind a longer one.
+pub const DELAY_TIERS_SECS: [u64; 8] = [1, 2, 5, 10, 30, 60, 120, 300];
+
+/// Names of the queues and exchanges for one prefix.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Topology {
+    prefix: String,
+}
+
+impl Topology {
+    /// Topology under `prefix` (e.g. `llmq`, or a unique prefix per test).
+    pub fn new(prefix: impl Into<String>) -> Self {
+        Self { prefix: prefix.into() }
+    }
+
+    /// The work queue.
+    pub fn work_queue(&self) -> String {
+        format!("{}.work", self.prefix)
+    }
+
+    /// The dead-letter queue.
+    pub fn dead_queue(&self) -> String {
+        format!("{}.dead", self.prefix)
+    }
+
+    /// The events topic exchange.
+    pub fn events_exchange(&self) -> String {
+        format!("{}.events", self.prefix)
+    }
+
+    /// The delay queue of one tier (see [`DELAY_TIERS_SECS`]).
+    pub fn delay_queue(&self, tier_secs: u64) -> String {
+        format!("{}.delay.{}s", self.prefix, tier_secs)
+    }
+
+    /// The tier a delay waits in: the smallest at least as long, or the longest.
+    pub fn delay_tier(delay: std::time::Duration) -> u64 {
+        let want = delay.as_secs_f64();
+        DELAY_TIERS_SECS
+            .into_iter()
+            .find(|t| *t as f64 >= want)
+            .unwrap_or(DELAY_TIERS_SECS[DELAY_TIERS_SECS.len() - 1])
+    }
+
+    /// Declares every queue and exchange (idempotent).
+    pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
+        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        let mut dead_args = FieldTable::default();
+        dead_args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
+        channel
+            .queue_declare(&self.dead_queue(), durable, dead_args)
+            .await?;
+
+        let mut work_args = FieldTable::default();
+        work_args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
+        work_args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString("".into()));
+        work_args.insert(
+            ShortString::from("x-dead-letter-routing-key"),
+            AMQPValue::LongString(self.dead_queue().into()),
+        );
+        work_args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        channel
+            .queue_declare(&self.work_queue(), durable, work_args)
+            .await?;
+
+        for tier in DELAY_TIERS_SECS {
+            let mut args = FieldTable::default();
+            args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongLongInt(i64::try_from(tier * 1000).unwrap_or(i64::MAX)));
+            args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString("".into()));
+            args.insert(
+                ShortString::from("x-dead-letter-routing-key"),
+                AMQPValue::LongString(self.work_queue().into()),
+            );
+            channel.queue_declare(&self.delay_queue(tier), durable, args).await?;
+        }
+
+        channel
+            .exchange_declare(
+                &self.events_exchange(),
+                ExchangeKind::Topic,
+                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,243 @@
+//! Checks a job before anything is written: a job that fails here leaves no trace.
+
+use serde::{Deserialize, Serialize};
+
+use crate::protocol::{JobEnvelope, PROTOCOL_VERSION};
+
+/// Bounds a job must respect to be accepted.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Limits {
+    /// Largest encoded envelope, in bytes.
+    pub max_body_bytes: usize,
+    /// Most messages in one request.
+    pub max_messages: usize,
+    /// Largest `max_tokens` accepted.
+    pub max_output_tokens: u32,
+    /// Context window: estimated prompt tokens + `max_tokens` must fit in it.
+    pub context_tokens: u32,
+    /// Largest `max_attempts` accepted.
+    pub max_attempts: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 256 * 1024,
+            max_messages: 1024,
+            max_output_tokens: 16_384,
+            context_tokens: 128_000,
+            max_attempts: 20,
+        }
+    }
+}
+
+/// Why a job was refused. Each message says what is wrong and what to do.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ValidationError {
+    /// `version` is not the one this build speaks.
+    #[error("unsupported envelope version {0}: send version {PROTOCOL_VERSION}")]
+    UnsupportedVersion(u32),
+    /// Tenant missing.
+    #[error("tenant is empty: set the tenant that owns the job")]
+    EmptyTenant,
+    /// Model missing.
+    #[error("route.model is empty: name the model to call, e.g. \"gpt-4o-mini\"")]
+    EmptyModel,
+    /// No messages.
+    #[error("request.messages is empty: send at least one message")]
+    EmptyMessages,
+    /// Too many messages.
+    #[error("request.messages has {got} messages, more than the limit of {limit}: shorten the conversation")]
+    TooManyMessages {
+        /// Messages sent.
+        got: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// `max_tokens` absent.
+    #[error("request.max_tokens is missing: set it (1..={limit}); budgets are reserved from it")]
+    MissingMaxTokens {
+        /// The largest value accepted.
+        limit: u32,
+    },
+    /// `max_tokens` zero or too large.
+    #[error("request.max_tokens is {got}, outside 1..={limit}: lower it")]
+    MaxTokensOutOfRange {
+        /// Value sent.
+        got: u32,
+        /// The largest value accepted.
+        limit: u32,
+    },
+    /// Prompt + `max_tokens` cannot fit the model's context.
+    #[error("the prompt (about {prompt_tokens} tokens) plus max_tokens ({max_tokens}) exceeds the model's context of {context_tokens} tokens: shorten the prompt or lower max_tokens")]
+    ContextOverflow {
+        /// Estimated prompt tokens.
+        prompt_tokens: u64,
+        /// Requested output tokens.
+        max_tokens: u32,
+        /// The model's context.
+        context_tokens: u32,
+    },
+    /// `max_attempts` zero or too large.
+    #[error("max_attempts is {got}, outside 1..={limit}")]
+    MaxAttemptsOutOfRange {
+        /// Value sent.
+        got: u32,
+        /// The largest value accepted.
+        limit: u32,
+    },
+    /// Priority above 9.
+    #[error("priority is {0}, outside 0..=9")]
+    PriorityOutOfRange(u8),
+    /// Encoded job too big.
+    #[error("the job is {size} bytes, over the limit of {limit} bytes: send a shorter prompt")]
+    BodyTooLarge {
+        /// Encoded size.
+        size: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// Idempotency key too long.
+    #[error("idempotency_key is {0} bytes, over the limit of 200")]
+    IdempotencyKeyTooLong(usize),
+}
+
+impl ValidationError {
+    /// A stable machine-readable code for the error (`empty_messages`, …).
+    pub fn code(&self) -> &'static str {
+        match self {
+            ValidationError::UnsupportedVersion(_) => "unsupported_version",
+            ValidationError::EmptyTenant => "empty_tenant",
+            ValidationError::EmptyModel => "empty_model",
+            ValidationError::EmptyMessages => "empty_messages",
+            ValidationError::TooManyMessages { .. } => "too_many_messages",
+            ValidationError::MissingMaxTokens { .. } => "missing_max_tokens",
+            ValidationError::MaxTokensOutOfRange { .. } => "max_tokens_out_of_range",
+            ValidationError::ContextOverflow { .. } => "context_length_exceeded",
+            ValidationError::MaxAttemptsOutOfRange { .. } => "max_attempts_out_of_range",
+            ValidationError::PriorityOutOfRange(_) => "priority_out_of_range",
+            ValidationError::BodyTooLarge { .. } => "body_too_large",
+            ValidationError::IdempotencyKeyTooLong(_) => "idempotency_key_too_long",
+        }
+    }
+}
+
+/// A conservative prompt-size estimate in tokens: about one token per 3 bytes of text plus
+/// a few per message for the chat framing. It over-counts typical English (≈4 bytes per
+/// token), so a prompt it accepts fits. The worker refines this with a real tokenizer.
+///
+/// ```
+/// use llmq_producer_sdk::{estimate_prompt_tokens, ChatMessage};
+/// assert_eq!(estimate_prompt_tokens(&[ChatMessage::user("abcdef")]), 2 + 4);
+/// ```
+pub fn estimate_prompt_tokens(messages: &[crate::ChatMessage]) -> u64 {
+    messages
+        .iter()
+        .map(|m| (m.content.len() as u64).div_ceil(3) + 4)
+        .sum()
+}
+
+/// Checks an envelope against `limits`.
+pub fn validate(job: &JobEnvelope, limits: &Limits) -> Result<(), ValidationError> {
+    if job.version != PROTOCOL_VERSION {
+        return Err(ValidationError::UnsupportedVersion(job.version));
+    }
+    if job.tenant.trim().is_empty() {
+        return Err(ValidationError::EmptyTenant);
+    }
+    if job.route.model.trim().is_empty() {
+        return Err(ValidationError::EmptyModel);
+    }
+    if let Some(key) = &job.idempotency_key {
+        if key.len() > 200 {
+            return Err(ValidationError::IdempotencyKeyTooLong(key.len()));
+        }
+    }
+    let req = &job.request;
+    if req.messages.is_empty() {
+        return Err(ValidationError::EmptyMessages);
+    }
+    if req.messages.len() > limits.max_messages {
+        return Err(ValidationError::TooManyMessages {
+            got: req.messages.len(),
+            limit: limits.max_messages,
+        });
+    }
+    let max_tokens = req.max_tokens.ok_or(ValidationError::MissingMaxTokens {
+        limit: limits.max_output_tokens,
+    })?;
+    if max_tokens == 0 || max_tokens > limits.max_output_tokens {
+        return Err(ValidationError::MaxTokensOutOfRange {
+            got: max_tokens,
+            limit: limits.max_output_tokens,
+        });
+    }
+    if job.max_attempts == 0 || job.max_attempts > limits.max_attempts {
+        return Err(ValidationError::MaxAttemptsOutOfRange {
+            got: job.max_attempts,
+            limit: limits.max_attempts,
+        });
+    }
+    if job.priority > 9 {
+        return Err(ValidationError::PriorityOutOfRange(job.priority));
+    }
+    let size = job.encode().len();
+    if size > limits.max_body_bytes {
+        return Err(ValidationError::BodyTooLarge {
+            size,
+            limit: limits.max_body_bytes,
+        });
+    }
+    let prompt_tokens = estimate_prompt_tokens(&req.messages);
+    if prompt_tokens + u64::from(max_tokens) > u64::from(limits.context_tokens) {
+        return Err(ValidationError::ContextOverflow {
+            prompt_tokens,
+            max_tokens,
+            context_tokens: limits.context_tokens,
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ChatMessage, NewJob};
+
+    fn job() -> JobEnvelope {
+        NewJob::new("acme", "gpt-4o-mini", vec![ChatMessage::user("hi")])
+            .max_tokens(16)
+            .into_envelope()
+    }
+
+    #[test]
+    fn accepts_a_good_job() {
+        assert_eq!(validate(&job(), &Limits::default()), Ok(()));
+    }
+
+    #[test]
+    fn each_bad_input_has_its_error() {
+        let l = Limits::default();
+        let mut j = job();
+        j.request.messages.clear();
+        assert_eq!(validate(&j, &l), Err(ValidationError::EmptyMessages));
+        let mut j = job();
+        j.request.max_tokens = None;
+        assert!(matches!(validate(&j, &l), Err(ValidationError::MissingMaxTokens { .. })));
+        let mut j = job();
+        j.request.max_tokens = Some(0);
+        assert!(matches!(validate(&j, &l), Err(ValidationError::MaxTokensOutOfRange { .. })));
+        let mut j = job();
+        j.version = 2;
+        assert_eq!(validate(&j, &l), Err(ValidationError::UnsupportedVersion(2)));
+        let mut j = job();
+        j.request.messages = vec![ChatMessage::user("x".repeat(300_000))];
+        assert!(matches!(validate(&j, &l), Err(ValidationError::BodyTooLarge { .. })));
+        let mut j = job();
+        j.request.messages = vec![ChatMessage::user("x".repeat(400_000))];
+        let small = Limits { max_body_bytes: 1 << 20, ..l.clone() };
+        assert!(matches!(validate(&j, &small), Err(ValidationError::ContextOverflow { .. })));
+    }
+}

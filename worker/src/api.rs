@@ -1,0 +1,217 @@
+//! The HTTP API: enqueue a job, read its status, health. Errors are mapped to responses in
+//! one place ([`ApiError`]), as JSON `{"error": {"code", "message"}}`.
+
+use std::net::SocketAddr;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use chrono::{DateTime, Utc};
+use llmq_producer_sdk::{
+    ChatMessage, ChatRequest, Client, ClientConfig, JobEnvelope, JobId, JobStatus, Route, ValidationError,
+    DEFAULT_MAX_ATTEMPTS, PROTOCOL_VERSION,
+};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+use sqlx::PgPool;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::settings::Settings;
+
+#[derive(Clone)]
+struct AppState {
+    client: Client,
+    pool: PgPool,
+}
+
+/// A running API server.
+pub struct ApiHandle {
+    /// The bound address (useful with port 0).
+    pub addr: SocketAddr,
+    /// Resolves when the server has stopped.
+    pub join: JoinHandle<std::io::Result<()>>,
+}
+
+/// Binds `settings.api.bind` and serves until `shutdown` is cancelled.
+pub async fn start(settings: &Settings, pool: PgPool, shutdown: CancellationToken) -> anyhow::Result<ApiHandle> {
+    let mut config = ClientConfig::new(settings.amqp_url.expose_secret(), settings.database_url.expose_secret());
+    config.queue_prefix.clone_from(&settings.queue_prefix);
+    config.limits = settings.limits.clone();
+    let client = Client::connect_with_pool(config, pool.clone()).await?;
+    let body_limit = settings.limits.max_body_bytes + 64 * 1024;
+    let app = Router::new()
+        .route("/v1/jobs", post(create_job))
+        .route("/v1/jobs/{id}", get(get_job))
+        .route("/healthz", get(healthz))
+        .layer(DefaultBodyLimit::max(body_limit))
+        .with_state(AppState { client, pool });
+    let listener = tokio::net::TcpListener::bind(&settings.api.bind).await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {} (api.bind): {e}", settings.api.bind))?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, "API listening");
+    let join = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    });
+    Ok(ApiHandle { addr, join })
+}
+
+/// `POST /v1/jobs` body. Unknown fields are refused so typos do not pass silently; other
+/// OpenAI parameters go in `params`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CreateJob {
+    #[serde(default)]
+    version: Option<u32>,
+    #[serde(default)]
+    tenant: Option<String>,
+    model: String,
+    #[serde(default)]
+    provider: Option<String>,
+    #[serde(default)]
+    fallbacks: Vec<Route>,
+    messages: Vec<ChatMessage>,
+    #[serde(default)]
+    max_tokens: Option<u32>,
+    #[serde(default)]
+    temperature: Option<f32>,
+    #[serde(default)]
+    top_p: Option<f32>,
+    #[serde(default)]
+    stop: Option<Vec<String>>,
+    #[serde(default)]
+    params: serde_json::Map<String, serde_json::Value>,
+    #[serde(default)]
+    idempotency_key: Option<String>,
+    #[serde(default)]
+    priority: u8,
+    #[serde(default)]
+    deadline: Option<DateTime<Utc>>,
+    #[serde(default)]
+    max_attempts: Option<u32>,
+    #[serde(default)]
+    metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct Created {
+    id: JobId,
+    state: &'static str,
+    duplicate: bool,
+    status_url: String,
+}
+
+async fn create_job(
+    State(state): State<AppState>,
+    body: Result<Json<CreateJob>, JsonRejection>,
+) -> Result<(StatusCode, Json<Created>), ApiError> {
+    let Json(req) = body?;
+    let envelope = JobEnvelope {
+        version: req.version.unwrap_or(PROTOCOL_VERSION),
+        id: JobId::new(),
+        tenant: req.tenant.unwrap_or_else(|| "default".into()),
+        idempotency_key: req.idempotency_key,
+        route: Route { model: req.model, provider: req.provider },
+        fallbacks: req.fallbacks,
+        request: ChatRequest {
+            messages: req.messages,
+            max_tokens: req.max_tokens,
+            temperature: req.temperature,
+            top_p: req.top_p,
+            stop: req.stop,
+            extra: req.params,
+        },
+        priority: req.priority,
+        deadline: req.deadline,
+        max_attempts: req.max_attempts.unwrap_or(DEFAULT_MAX_ATTEMPTS),
+        metadata: req.metadata,
+        created_at: Utc::now(),
+        trace_context: None,
+    };
+    let enqueued = state.client.enqueue_envelope(envelope).await?;
+    let code = if enqueued.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
+    Ok((
+        code,
+        Json(Created {
+            id: enqueued.id,
+            state: "queued",
+            duplicate: enqueued.duplicate,
+            status_url: format!("/v1/jobs/{}", enqueued.id),
+        }),
+    ))
+}
+
+async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobStatus>, ApiError> {
+    let id: JobId = id
+        .parse()
+        .map_err(|_| ApiError::BadRequest("bad_job_id", format!("`{id}` is not a job id (a UUID)")))?;
+    Ok(Json(state.client.status(id).await?))
+}
+
+async fn healthz(State(state): State<AppState>) -> Response {
+    let db = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
+    let broker = state.client.is_connected();
+    let body = serde_json::json!({
+        "status": if db && broker { "ok" } else { "degraded" },
+        "postgres": db,
+        "rabbitmq": broker,
+    });
+    let code = if db && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (code, Json(body)).into_response()
+}
+
+/// Every error the API returns, mapped to a status and a JSON body in one place.
+#[derive(Debug)]
+enum ApiError {
+    BadRequest(&'static str, String),
+    Invalid(ValidationError),
+    NotFound(JobId),
+    Unavailable(String),
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(r: JsonRejection) -> Self {
+        if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::BadRequest("body_too_large", "the request body is over the size limit: send a shorter prompt".into());
+        }
+        ApiError::BadRequest("invalid_json", format!("{}; see \"POST /v1/jobs\" in the README for the job fields", r.body_text()))
+    }
+}
+
+impl From<llmq_producer_sdk::Error> for ApiError {
+    fn from(e: llmq_producer_sdk::Error) -> Self {
+        match e {
+            llmq_producer_sdk::Error::Invalid(v) => ApiError::Invalid(v),
+            llmq_producer_sdk::Error::NotFound(id) => ApiError::NotFound(id),
+            other => {
+                tracing::error!(error = %other, "request failed on a backing service");
+                ApiError::Unavailable(format!("{other}; nothing was enqueued, try again"))
+            }
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, code, message) = match self {
+            ApiError::BadRequest(code, m) if code == "body_too_large" => (StatusCode::PAYLOAD_TOO_LARGE, code, m),
+            ApiError::BadRequest(code, m) => (StatusCode::BAD_REQUEST, code, m),
+            ApiError::Invalid(v) => {
+                let status = if matches!(v, ValidationError::BodyTooLarge { .. }) {
+                    StatusCode::PAYLOAD_TOO_LARGE
+                } else {
+                    StatusCode::UNPROCESSABLE_ENTITY
+                };
+                (status, v.code(), v.to_string())
+            }
+            ApiError::NotFound(id) => (StatusCode::NOT_FOUND, "not_found", format!("job {id} not found")),
+            ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+        };
+        (status, Json(serde_json::json!({ "error": { "code": code, "message": message } }))).into_response()
+    }
+}

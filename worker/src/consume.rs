@@ -1,0 +1,406 @@
+//! The worker loop: consume → decide → call provider → classify → record → ack.
+//!
+//! Flow of one delivery ([`Worker::process_one`]):
+//! 1. decode the envelope; malformed or unknown version → dead-letter with the reason.
+//! 2. read the job's record: unknown id → dead-letter; already terminal (a redelivery) →
+//!    ack without calling the provider.
+//! 3. deadline passed → `expired`.
+//! 4. claim (`running`, attempt counted), call the provider, classify the outcome.
+//! 5. record the outcome durably (result or evidence), then: success → publish result
+//!    event; retryable → park in a delay queue; fatal/exhausted → dead-letter. Ack last.
+//!
+//! A store failure never drops a message: the step is retried with backoff; if the worker
+//! must stop first, the message is left unacked and the broker hands it to another worker.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::Utc;
+use futures_util::StreamExt;
+use lapin::message::Delivery;
+use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use llmq_producer_sdk::{CompletionResult, ErrorSummary, JobEnvelope, JobEvent, JobState, Topology, PROTOCOL_VERSION};
+use secrecy::ExposeSecret;
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use tracing::{info, warn, Instrument};
+
+use crate::outcome::{classify, ErrorClass, Failure, Outcome};
+use crate::provider::{self, Provider};
+use crate::publish::{with_header, Publisher};
+use crate::retry;
+use crate::settings::Settings;
+use crate::store::{self, AttemptRecord, Transition};
+
+/// What happened to one delivery.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Processed {
+    /// Result recorded and published.
+    Succeeded,
+    /// Parked for another attempt.
+    Retrying {
+        /// Error class of the failed attempt.
+        class: &'static str,
+        /// Delay tier, seconds.
+        delay_secs: u64,
+    },
+    /// Failed for good and dead-lettered.
+    Failed {
+        /// Error class.
+        class: &'static str,
+    },
+    /// Deadline passed before it ran.
+    Expired,
+    /// A redelivery of a finished job: acked, no provider call.
+    AlreadyFinished,
+    /// Not a job this worker can run: dead-lettered with the reason.
+    DeadLettered {
+        /// Why.
+        reason: String,
+    },
+    /// Left unacked for the broker to hand to another worker (shutdown mid-step).
+    HandedBack,
+}
+
+/// Everything needed to process deliveries on one broker connection.
+pub struct Worker {
+    pool: PgPool,
+    publisher: Publisher,
+    providers: Arc<BTreeMap<String, Arc<dyn Provider>>>,
+    default_provider: String,
+    retry_base: Duration,
+    retry_cap: Duration,
+    /// Cancelled when the drain deadline passes: store retries give up and hand back.
+    hard_stop: CancellationToken,
+}
+
+impl Worker {
+    /// Processes one delivery to the end, acking it unless it is handed back.
+    pub async fn process_one(&self, delivery: Delivery) -> Processed {
+        let envelope = match JobEnvelope::decode(&delivery.data) {
+            Ok(e) => e,
+            Err(err) => return self.reject(delivery, &err.to_string(), "malformed").await,
+        };
+        let span = tracing::info_span!("job", job_id = %envelope.id, tenant = %envelope.tenant);
+        self.process_envelope(delivery, envelope).instrument(span).await
+    }
+
+    async fn process_envelope(&self, delivery: Delivery, env: JobEnvelope) -> Processed {
+        let id = env.id;
+        let Some(state) = self.durably("read job", || store::load_state(&self.pool, id)).await else {
+            return Processed::HandedBack;
+        };
+        match state {
+            None => {
+                let reason = format!("job {id} has no record in the database; enqueue through the producer SDK or the HTTP API");
+                return self.reject(delivery, &reason, "unknown_job").await;
+            }
+            Some(s) if s.is_terminal() => {
+                info!(state = %s, "redelivery of a finished job; acking without a provider call");
+                ack(&delivery).await;
+                return Processed::AlreadyFinished;
+            }
+            Some(_) => {}
+        }
+
+        if env.deadline.is_some_and(|d| d <= Utc::now()) {
+            let t = Transition { state: JobState::Expired, attempt: 0, result: None, error: Some(("expired", "deadline passed before the job could run")), evidence: None, detail: None };
+            if self.durably("record expiry", || store::record(&self.pool, id, &t)).await.is_none() {
+                return Processed::HandedBack;
+            }
+            self.emit(&env, JobState::Expired, 0, None, t.error).await;
+            ack(&delivery).await;
+            return Processed::Expired;
+        }
+
+        let Some(claimed) = self.durably("claim job", || store::claim(&self.pool, id)).await else {
+            return Processed::HandedBack;
+        };
+        let Some(attempt) = claimed else {
+            ack(&delivery).await;
+            return Processed::AlreadyFinished;
+        };
+
+        let provider_name = env.route.provider.clone().unwrap_or_else(|| self.default_provider.clone());
+        let Some(provider) = self.providers.get(&provider_name).cloned() else {
+            let failure = Failure {
+                class: ErrorClass::BadRequest,
+                http_status: None,
+                error_type: None,
+                error_code: Some("unknown_provider".into()),
+                message: format!("provider `{provider_name}` is not configured on this worker (have: {})", self.providers.keys().cloned().collect::<Vec<_>>().join(", ")),
+                request_id: None,
+            };
+            return self.fail(delivery, &env, attempt, failure, None).await;
+        };
+
+        let started_at = Utc::now();
+        let clock = Instant::now();
+        let result = provider.complete(&env.route.model, &env.request).await;
+        let latency_ms = u32::try_from(clock.elapsed().as_millis()).unwrap_or(u32::MAX);
+        let mut evidence = AttemptRecord {
+            attempt,
+            started_at,
+            provider: provider.name().to_owned(),
+            base_url_host: provider.host().to_owned(),
+            endpoint: provider.endpoint().to_owned(),
+            model: env.route.model.clone(),
+            http_status: None,
+            outcome: "succeeded",
+            error_class: None,
+            failed_layer: None,
+            error_type: None,
+            error_code: None,
+            error_message: None,
+            provider_request_id: None,
+            latency_ms,
+            prompt_tokens: None,
+            completion_tokens: None,
+        };
+
+        match classify(result) {
+            Outcome::Succeeded(reply) => {
+                evidence.http_status = Some(reply.status);
+                evidence.provider_request_id.clone_from(&reply.request_id);
+                evidence.prompt_tokens = Some(reply.usage.prompt_tokens);
+                evidence.completion_tokens = Some(reply.usage.completion_tokens);
+                let result = CompletionResult {
+                    content: reply.content,
+                    finish_reason: reply.finish_reason,
+                    provider: provider.name().to_owned(),
+                    model: reply.model,
+                    provider_request_id: reply.request_id,
+                    usage: reply.usage,
+                };
+                let t = Transition { state: JobState::Succeeded, attempt, result: Some(&result), error: None, evidence: Some(&evidence), detail: None };
+                if self.durably("record result", || store::record(&self.pool, id, &t)).await.is_none() {
+                    return Processed::HandedBack;
+                }
+                info!(attempt, latency_ms, tokens = result.usage.total_tokens, "job succeeded");
+                self.emit(&env, JobState::Succeeded, attempt, Some(result), None).await;
+                ack(&delivery).await;
+                Processed::Succeeded
+            }
+            Outcome::RetryAfter(after, failure) if attempt < env.max_attempts => {
+                fill_failure(&mut evidence, &failure, "retry");
+                let wait = retry::delay(attempt, after, self.retry_base, self.retry_cap);
+                let tier = Topology::delay_tier(wait);
+                let next_at = Utc::now() + chrono::Duration::seconds(i64::try_from(tier).unwrap_or(0));
+                let t = Transition {
+                    state: JobState::Retrying,
+                    attempt,
+                    result: None,
+                    error: Some((failure.class.as_str(), &failure.message)),
+                    evidence: Some(&evidence),
+                    detail: Some(serde_json::json!({ "next_attempt_at": next_at, "error_class": failure.class.as_str() })),
+                };
+                if self.durably("record retry", || store::record(&self.pool, id, &t)).await.is_none() {
+                    return Processed::HandedBack;
+                }
+                warn!(attempt, class = failure.class.as_str(), delay_s = tier, "attempt failed; retrying later");
+                let props = with_header(&delivery.properties, "x-llmq-attempt", AMQPValue::LongUInt(attempt));
+                match self.publisher.retry_later(&delivery.data, props, tier).await {
+                    Ok(()) => ack(&delivery).await,
+                    Err(e) => {
+                        warn!(error = %e, "could not park the retry; requeueing the message instead");
+                        nack(&delivery, true).await;
+                    }
+                }
+                self.emit(&env, JobState::Retrying, attempt, None, Some((failure.class.as_str(), &failure.message))).await;
+                Processed::Retrying { class: failure.class.as_str(), delay_secs: tier }
+            }
+            Outcome::RetryAfter(_, failure) | Outcome::Fatal(failure) => {
+                self.fail(delivery, &env, attempt, failure, Some(evidence)).await
+            }
+        }
+    }
+
+    async fn fail(&self, delivery: Delivery, env: &JobEnvelope, attempt: u32, failure: Failure, evidence: Option<AttemptRecord>) -> Processed {
+        let mut evidence = evidence;
+        if let Some(ev) = evidence.as_mut() {
+            fill_failure(ev, &failure, "fatal");
+        }
+        let t = Transition {
+            state: JobState::Failed,
+            attempt,
+            result: None,
+            error: Some((failure.class.as_str(), &failure.message)),
+            evidence: evidence.as_ref(),
+            detail: None,
+        };
+        if self.durably("record failure", || store::record(&self.pool, env.id, &t)).await.is_none() {
+            return Processed::HandedBack;
+        }
+        warn!(attempt, class = failure.class.as_str(), layer = failure.class.layer(), "job failed");
+        let reason = format!("{} (layer {}): {}", failure.class.as_str(), failure.class.layer(), failure.message);
+        if let Err(e) = self.publisher.dead_letter(&delivery.data, &delivery.properties, &reason, failure.class.as_str()).await {
+            warn!(error = %e, "could not copy the failed job to the dead-letter queue; its record holds the evidence");
+        }
+        self.emit(env, JobState::Failed, attempt, None, Some((failure.class.as_str(), &failure.message))).await;
+        ack(&delivery).await;
+        Processed::Failed { class: failure.class.as_str() }
+    }
+
+    /// Dead-letters a message this worker cannot run, then acks it.
+    async fn reject(&self, delivery: Delivery, reason: &str, class: &str) -> Processed {
+        warn!(reason, "dead-lettering a message");
+        match self.publisher.dead_letter(&delivery.data, &delivery.properties, reason, class).await {
+            Ok(()) => ack(&delivery).await,
+            // The queue's own dead-letter route keeps the message, without the reason.
+            Err(_) => nack(&delivery, false).await,
+        }
+        Processed::DeadLettered { reason: reason.to_owned() }
+    }
+
+    async fn emit(&self, env: &JobEnvelope, state: JobState, attempt: u32, result: Option<CompletionResult>, error: Option<(&str, &str)>) {
+        let event = JobEvent {
+            version: PROTOCOL_VERSION,
+            job_id: env.id,
+            tenant: env.tenant.clone(),
+            state,
+            at: Utc::now(),
+            attempt,
+            result,
+            error: error.map(|(c, m)| ErrorSummary { class: c.to_owned(), message: m.to_owned() }),
+        };
+        if let Err(e) = self.publisher.event(&event).await {
+            warn!(error = %e, "could not publish the job event; the record is durable");
+        }
+    }
+
+    /// Runs a store step until it succeeds, or returns `None` once the drain deadline passed.
+    async fn durably<T, F, Fut>(&self, what: &str, mut op: F) -> Option<T>
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Result<T, sqlx::Error>>,
+    {
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match op().await {
+                Ok(v) => return Some(v),
+                Err(e) => {
+                    warn!(error = %e, step = what, "database step failed; retrying");
+                    tokio::select! {
+                        () = self.hard_stop.cancelled() => return None,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    pause = (pause * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+}
+
+fn fill_failure(ev: &mut AttemptRecord, f: &Failure, outcome: &'static str) {
+    ev.outcome = outcome;
+    ev.http_status = f.http_status;
+    ev.error_class = Some(f.class.as_str());
+    ev.failed_layer = Some(f.class.layer());
+    ev.error_type.clone_from(&f.error_type);
+    ev.error_code.clone_from(&f.error_code);
+    ev.error_message = Some(f.message.clone());
+    ev.provider_request_id.clone_from(&f.request_id);
+}
+
+async fn ack(d: &Delivery) {
+    if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
+        warn!(error = %e, "ack failed; the broker will redeliver and the redelivery is deduplicated");
+    }
+}
+
+async fn nack(d: &Delivery, requeue: bool) {
+    if let Err(e) = d.acker.nack(BasicNackOptions { requeue, ..Default::default() }).await {
+        warn!(error = %e, "nack failed; the broker will redeliver");
+    }
+}
+
+/// Runs the worker until `shutdown` is cancelled, reconnecting to the broker when the
+/// connection drops. On shutdown: stop consuming, let in-flight jobs finish within the
+/// grace period, hand the rest back (unacked) and return.
+pub async fn run(settings: Settings, pool: PgPool, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
+    for (name, p) in &settings.providers {
+        providers.insert(name.clone(), provider::build(name, p)?);
+    }
+    let providers = Arc::new(providers);
+    let mut pause = Duration::from_millis(500);
+    loop {
+        match consume_session(&settings, &pool, providers.clone(), &shutdown).await {
+            Ok(()) => return Ok(()),
+            Err(e) if shutdown.is_cancelled() => {
+                warn!(error = %e, "broker error during shutdown");
+                return Ok(());
+            }
+            Err(e) => {
+                warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "broker connection lost; reconnecting");
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(pause) => {}
+                }
+                pause = (pause * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn consume_session(
+    settings: &Settings,
+    pool: &PgPool,
+    providers: Arc<BTreeMap<String, Arc<dyn Provider>>>,
+    shutdown: &CancellationToken,
+) -> anyhow::Result<()> {
+    let topology = Topology::new(settings.queue_prefix.clone());
+    let connection = llmq_producer_sdk::connect_amqp(settings.amqp_url.expose_secret(), "llmq-worker").await?;
+    let channel = connection.create_channel().await?;
+    topology.declare(&channel).await?;
+    channel.basic_qos(settings.worker.concurrency, BasicQosOptions::default()).await?;
+    let publisher = Publisher::new(&connection, topology.clone()).await?;
+    let hard_stop = CancellationToken::new();
+    let worker = Arc::new(Worker {
+        pool: pool.clone(),
+        publisher,
+        providers,
+        default_provider: settings.default_provider.clone(),
+        retry_base: Duration::from_millis(settings.worker.retry_base_ms),
+        retry_cap: Duration::from_millis(settings.worker.retry_cap_ms),
+        hard_stop: hard_stop.clone(),
+    });
+    let mut consumer = channel
+        .basic_consume(&topology.work_queue(), "", BasicConsumeOptions::default(), FieldTable::default())
+        .await?;
+    info!(queue = %topology.work_queue(), concurrency = settings.worker.concurrency, "worker consuming");
+    let tracker = TaskTracker::new();
+    let result = loop {
+        tokio::select! {
+            () = shutdown.cancelled() => break Ok(()),
+            next = consumer.next() => match next {
+                Some(Ok(delivery)) => {
+                    let worker = worker.clone();
+                    tracker.spawn(async move { worker.process_one(delivery).await });
+                }
+                Some(Err(e)) => break Err(anyhow::Error::from(e)),
+                None => break Err(anyhow::anyhow!("the broker closed the consumer")),
+            }
+        }
+    };
+
+    // Shutdown phases: (1) stop taking work; (2) let in-flight jobs finish within the
+    // grace period; (3) past it, give up store retries so their messages stay unacked;
+    // (4) close the channel, which hands every unacked message back to the broker.
+    let _ = channel.basic_cancel(consumer.tag().as_str(), BasicCancelOptions::default()).await;
+    tracker.close();
+    let grace = Duration::from_secs(settings.worker.shutdown_grace_secs);
+    if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
+        warn!(in_flight = tracker.len(), "drain deadline passed; handing remaining jobs back to the queue");
+        hard_stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
+    }
+    let _ = channel.close(200, "worker stopping").await;
+    let _ = connection.close(200, "worker stopping").await;
+    info!("worker stopped");
+    result
+}

@@ -1,0 +1,54 @@
+//! # llmq worker
+//!
+//! Consumes completion jobs from RabbitMQ, calls the provider, records every outcome in
+//! PostgreSQL and publishes results; also serves the HTTP API and the operator commands.
+//!
+//! ## Layout (in the order a job meets it)
+//! - [`settings`]: one typed settings struct (defaults → file → environment).
+//! - [`consume`]: the worker loop and [`consume::Worker::process_one`].
+//! - [`provider`]: one adapter per provider behind one trait.
+//! - [`outcome`]: `classify`, the one map from a provider answer to what happens next.
+//! - [`retry`]: backoff with full jitter, or the provider's Retry-After.
+//! - [`publish`]: events, delay queues and dead letters (publisher confirms).
+//! - [`store`]: the durable record (jobs, attempts, transitions).
+//! - [`api`]: the HTTP API.
+//! - [`demo`]: the sample batch the README's first command pushes.
+
+pub mod api;
+pub mod consume;
+pub mod demo;
+pub mod outcome;
+pub mod provider;
+pub mod publish;
+pub mod retry;
+pub mod settings;
+pub mod store;
+pub mod telemetry;
+
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use sqlx::postgres::{PgPool, PgPoolOptions};
+
+pub use settings::Settings;
+
+/// Connects to PostgreSQL, with a message that says what to do when it is down.
+pub async fn connect_db(settings: &Settings) -> anyhow::Result<PgPool> {
+    PgPoolOptions::new()
+        .max_connections(u32::from(settings.worker.concurrency).clamp(4, 50))
+        .acquire_timeout(Duration::from_secs(10))
+        .connect(settings.database_url.expose_secret())
+        .await
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot connect to PostgreSQL (database_url): {e}; is it running? `bash scripts/services.sh` starts the local services"
+            )
+        })
+}
+
+/// Applies migrations, naming the fix when they cannot be applied.
+pub async fn migrate(pool: &PgPool) -> anyhow::Result<()> {
+    store::migrate(pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot apply database migrations: {e}"))
+}

@@ -1,0 +1,108 @@
+//! `llmq`: reads settings, sets up telemetry, runs one command until a shutdown signal.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use llmq_worker::{api, connect_db, consume, demo, migrate, telemetry, Settings};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(name = "llmq", version, about = "Queue-backed worker for LLM completion jobs")]
+struct Cli {
+    /// Settings file (TOML); environment variables LLMQ_* override it.
+    #[arg(long, global = true, env = "LLMQ_CONFIG")]
+    config: Option<PathBuf>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Apply database migrations and exit.
+    Migrate,
+    /// Run a worker replica: consume jobs and call the provider.
+    Worker,
+    /// Serve the HTTP API.
+    Api,
+    /// Push a batch of sample jobs through the API and follow them to the end.
+    Demo {
+        /// API base URL.
+        #[arg(long, default_value = "http://127.0.0.1:8080")]
+        api: String,
+        /// How many jobs.
+        #[arg(long, default_value_t = 60)]
+        jobs: usize,
+        /// Model to ask.
+        #[arg(long, default_value = "gpt-4o-mini")]
+        model: String,
+        /// Give up waiting after this many seconds.
+        #[arg(long, default_value_t = 120)]
+        timeout_secs: u64,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Demo { api, jobs, model, timeout_secs } = &cli.command {
+        return demo::run(api, *jobs, model, Duration::from_secs(*timeout_secs)).await;
+    }
+    let settings = Settings::load(cli.config.as_deref())?;
+    let pool = connect_db(&settings).await?;
+    let shutdown = CancellationToken::new();
+    tokio::spawn(signal_shutdown(shutdown.clone()));
+    match cli.command {
+        Command::Migrate => {
+            migrate(&pool).await?;
+            println!("migrations applied");
+        }
+        Command::Worker => {
+            if settings.migrate_on_start {
+                migrate(&pool).await?;
+            }
+            consume::run(settings, pool, shutdown).await?;
+        }
+        Command::Api => {
+            if settings.migrate_on_start {
+                migrate(&pool).await?;
+            }
+            let handle = api::start(&settings, pool, shutdown).await?;
+            handle.join.await??;
+        }
+        Command::Demo { .. } => {}
+    }
+    Ok(())
+}
+
+/// Cancels `token` on SIGTERM or Ctrl-C.
+async fn signal_shutdown(token: CancellationToken) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        } else {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = tokio::signal::ctrl_c().await;
+    tracing::info!("shutdown requested");
+    token.cancel();
+}

@@ -1,0 +1,150 @@
+//! Provider adapters: one file per provider behind one trait. An adapter turns a job's
+//! chat request into one HTTP call and the answer into a [`ProviderReply`] or a
+//! [`CallError`] carrying the evidence [`crate::outcome::classify`] needs.
+
+mod openai;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::future::BoxFuture;
+use llmq_producer_sdk::{ChatRequest, Usage};
+use reqwest::header::HeaderMap;
+
+use crate::settings::{ProviderKind, ProviderSettings};
+
+pub use openai::OpenAi;
+
+/// A successful completion as the provider returned it.
+#[derive(Debug, Clone)]
+pub struct ProviderReply {
+    /// Generated text.
+    pub content: String,
+    /// Why generation stopped.
+    pub finish_reason: Option<String>,
+    /// Model that answered.
+    pub model: String,
+    /// Provider request id.
+    pub request_id: Option<String>,
+    /// Token usage.
+    pub usage: Usage,
+    /// HTTP status (200).
+    pub status: u16,
+}
+
+/// Why a call produced no completion, with the raw evidence.
+#[derive(Debug, Clone)]
+pub enum CallError {
+    /// The provider answered with a non-success status.
+    Http {
+        /// HTTP status.
+        status: u16,
+        /// Response body (providers' error JSON), truncated.
+        body: String,
+        /// `retry-after-ms` / `retry-after`, when sent.
+        retry_after: Option<Duration>,
+        /// Provider request id.
+        request_id: Option<String>,
+    },
+    /// Could not connect (refused, reset, DNS, TLS).
+    Connect(String),
+    /// Connect or read timeout.
+    Timeout(String),
+    /// The connection broke mid-response or another transport error.
+    Transport(String),
+    /// 200 with a body that is not a completion (truncated, error event).
+    Decode {
+        /// HTTP status.
+        status: u16,
+        /// What was wrong.
+        message: String,
+        /// Provider request id.
+        request_id: Option<String>,
+    },
+}
+
+/// One provider account, ready to call.
+pub trait Provider: Send + Sync {
+    /// Configuration name (`openai`).
+    fn name(&self) -> &str;
+    /// Host of the base URL, for evidence.
+    fn host(&self) -> &str;
+    /// Endpoint path called, for evidence.
+    fn endpoint(&self) -> &'static str;
+    /// Makes the call.
+    fn complete<'a>(&'a self, model: &'a str, request: &'a ChatRequest) -> BoxFuture<'a, Result<ProviderReply, CallError>>;
+}
+
+/// Builds the adapter a provider's settings describe.
+pub fn build(name: &str, settings: &ProviderSettings) -> anyhow::Result<Arc<dyn Provider>> {
+    match settings.kind {
+        ProviderKind::Openai => Ok(Arc::new(OpenAi::new(name, settings)?)),
+        ProviderKind::Anthropic => anyhow::bail!(
+            "provider `{name}`: kind `anthropic` is not supported by this build yet; use kind = \"openai\""
+        ),
+    }
+}
+
+/// `retry-after-ms` (OpenAI) or `retry-after` (seconds or an HTTP date).
+pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
+    if let Some(ms) = headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok()) {
+        if ms.is_finite() && ms >= 0.0 {
+            return Some(Duration::from_secs_f64(ms / 1000.0));
+        }
+    }
+    let v = headers.get("retry-after")?.to_str().ok()?.trim();
+    if let Ok(secs) = v.parse::<f64>() {
+        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    }
+    let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
+    let delta = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
+    Some(delta.to_std().unwrap_or(Duration::ZERO))
+}
+
+/// The provider's request id header.
+pub fn request_id(headers: &HeaderMap) -> Option<String> {
+    ["x-request-id", "request-id"]
+        .iter()
+        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).map(str::to_owned))
+}
+
+/// Maps a transport error without its URL (a URL may carry a key for some providers).
+pub fn transport_error(e: reqwest::Error) -> CallError {
+    let e = e.without_url();
+    let msg = source_chain(&e, e.to_string());
+    if e.is_timeout() {
+        CallError::Timeout(msg)
+    } else if e.is_connect() {
+        CallError::Connect(msg)
+    } else {
+        CallError::Transport(msg)
+    }
+}
+
+fn source_chain(e: &(dyn std::error::Error + 'static), mut msg: String) -> String {
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        cur = s.source();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use reqwest::header::HeaderValue;
+
+    #[test]
+    fn retry_after_prefers_ms_then_seconds() {
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("3"));
+        assert_eq!(retry_after(&h), Some(Duration::from_secs(3)));
+        h.insert("retry-after-ms", HeaderValue::from_static("1500"));
+        assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
+        let mut h = HeaderMap::new();
+        h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+}

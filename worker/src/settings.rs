@@ -1,0 +1,205 @@
+//! One typed settings struct: defaults (`config/default.toml`) → optional file →
+//! environment (`LLMQ_…`, nested keys joined by `__`). Secrets are wrapped so they cannot
+//! be printed; invalid settings fail at startup naming the field.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use llmq_producer_sdk::Limits;
+use secrecy::{ExposeSecret, SecretString};
+use serde::Deserialize;
+
+const DEFAULTS: &str = include_str!("../config/default.toml");
+
+/// Everything llmq reads at startup.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Settings {
+    /// PostgreSQL URL (secret: may hold a password).
+    pub database_url: SecretString,
+    /// RabbitMQ URL (secret: may hold a password).
+    pub amqp_url: SecretString,
+    /// Queue/exchange name prefix shared with producers.
+    pub queue_prefix: String,
+    /// Run migrations on startup.
+    pub migrate_on_start: bool,
+    /// Provider for jobs that name none.
+    pub default_provider: String,
+    /// HTTP API.
+    pub api: ApiSettings,
+    /// Worker.
+    pub worker: WorkerSettings,
+    /// Job bounds checked at enqueue.
+    pub limits: Limits,
+    /// Configured providers by name.
+    pub providers: BTreeMap<String, ProviderSettings>,
+}
+
+/// HTTP API settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ApiSettings {
+    /// `host:port` to listen on (port 0 picks a free one).
+    pub bind: String,
+}
+
+/// Worker settings.
+#[derive(Debug, Clone, Deserialize)]
+pub struct WorkerSettings {
+    /// Jobs in flight per replica.
+    pub concurrency: u16,
+    /// Drain deadline on SIGTERM.
+    pub shutdown_grace_secs: u64,
+    /// Backoff base.
+    pub retry_base_ms: u64,
+    /// Backoff cap.
+    pub retry_cap_ms: u64,
+}
+
+/// Which API a provider speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProviderKind {
+    /// OpenAI chat completions.
+    Openai,
+    /// Anthropic messages.
+    Anthropic,
+}
+
+/// One provider account.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ProviderSettings {
+    /// API dialect.
+    pub kind: ProviderKind,
+    /// Base URL, e.g. `https://api.openai.com/v1`.
+    pub base_url: String,
+    /// API key (secret).
+    pub api_key: SecretString,
+    /// TCP connect timeout.
+    pub connect_timeout_ms: u64,
+    /// Read timeout: base part.
+    pub timeout_base_secs: u64,
+    /// Read timeout: per 1,000 requested output tokens.
+    pub timeout_per_1k_tokens_secs: u64,
+}
+
+/// A setting that cannot be used; says which and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The sources could not be read or parsed.
+    #[error("configuration error: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value is present but unusable.
+    #[error("configuration error: `{field}` {problem} (set it in the config file or as {env})")]
+    Invalid {
+        /// Dotted key.
+        field: String,
+        /// What is wrong.
+        problem: String,
+        /// The environment variable that sets it.
+        env: String,
+    },
+}
+
+fn env_name(field: &str) -> String {
+    format!("LLMQ_{}", field.replace('.', "__").to_uppercase())
+}
+
+fn invalid(field: &str, problem: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid { field: field.to_owned(), problem: problem.into(), env: env_name(field) }
+}
+
+impl Settings {
+    /// Loads defaults, then `file` if given, then the environment; then validates.
+    pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
+        let mut builder = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let settings: Settings = builder
+            .add_source(
+                config::Environment::with_prefix("LLMQ")
+                    .prefix_separator("_")
+                    .separator("__")
+                    .try_parsing(true),
+            )
+            .build()?
+            .try_deserialize()?;
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    /// Checks values the types cannot.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        let db = self.database_url.expose_secret();
+        if !(db.starts_with("postgres://") || db.starts_with("postgresql://")) {
+            return Err(invalid("database_url", "must start with postgres:// (value hidden: it may hold a password)"));
+        }
+        let amqp = self.amqp_url.expose_secret();
+        if !(amqp.starts_with("amqp://") || amqp.starts_with("amqps://")) {
+            return Err(invalid("amqp_url", "must start with amqp:// or amqps:// (value hidden: it may hold a password)"));
+        }
+        if self.queue_prefix.is_empty() || self.queue_prefix.contains(char::is_whitespace) {
+            return Err(invalid("queue_prefix", format!("`{}` must be non-empty without spaces", self.queue_prefix)));
+        }
+        if self.api.bind.parse::<std::net::SocketAddr>().is_err() {
+            return Err(invalid("api.bind", format!("`{}` is not host:port, e.g. 127.0.0.1:8080", self.api.bind)));
+        }
+        if self.worker.concurrency == 0 {
+            return Err(invalid("worker.concurrency", "must be at least 1"));
+        }
+        if self.worker.retry_base_ms == 0 || self.worker.retry_cap_ms < self.worker.retry_base_ms {
+            return Err(invalid("worker.retry_cap_ms", "must be at least worker.retry_base_ms, which must be > 0"));
+        }
+        if self.providers.is_empty() {
+            return Err(invalid("providers", "is empty: configure at least one provider"));
+        }
+        if !self.providers.contains_key(&self.default_provider) {
+            return Err(invalid(
+                "default_provider",
+                format!("`{}` is not a configured provider (have: {})", self.default_provider,
+                    self.providers.keys().cloned().collect::<Vec<_>>().join(", ")),
+            ));
+        }
+        for (name, p) in &self.providers {
+            let field = format!("providers.{name}.base_url");
+            match reqwest::Url::parse(&p.base_url) {
+                Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
+                _ => return Err(invalid(&field, format!("`{}` is not an http(s) URL", p.base_url))),
+            }
+            if p.api_key.expose_secret().trim().is_empty() {
+                return Err(invalid(&format!("providers.{name}.api_key"), "is empty"));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let s: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        s.validate().unwrap();
+        assert!(!format!("{s:?}").contains("sk-mock-local-key"), "secrets must not print");
+    }
+
+    #[test]
+    fn invalid_value_names_the_field_and_variable() {
+        let mut s: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        s.worker.concurrency = 0;
+        let msg = s.validate().unwrap_err().to_string();
+        assert!(msg.contains("worker.concurrency") && msg.contains("LLMQ_WORKER__CONCURRENCY"), "{msg}");
+    }
+}

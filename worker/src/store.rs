@@ -1,0 +1,152 @@
+//! PostgreSQL: the durable record of every job, attempt and transition.
+//!
+//! Success path, two writes: [`claim`] (state `running`, attempt counted) and
+//! [`record`] (result, attempt evidence and transition in one statement).
+
+use chrono::{DateTime, Utc};
+use llmq_producer_sdk::{CompletionResult, JobId, JobState};
+use sqlx::PgPool;
+
+/// Applies the embedded migrations (`migrations/`); safe to run concurrently.
+pub async fn migrate(pool: &PgPool) -> Result<(), sqlx::migrate::MigrateError> {
+    sqlx::migrate!("../migrations").run(pool).await
+}
+
+/// A job's state as the worker needs it before deciding anything.
+pub async fn load_state(pool: &PgPool, id: JobId) -> Result<Option<JobState>, sqlx::Error> {
+    let state: Option<String> = sqlx::query_scalar("SELECT state FROM jobs WHERE id = $1")
+        .bind(id.0)
+        .fetch_optional(pool)
+        .await?;
+    Ok(state.and_then(|s| s.parse().ok()))
+}
+
+/// Marks the job `running` and counts the attempt; `None` when it is already terminal.
+pub async fn claim(pool: &PgPool, id: JobId) -> Result<Option<u32>, sqlx::Error> {
+    let attempt: Option<i32> = sqlx::query_scalar(
+        "WITH j AS (
+            UPDATE jobs SET state = 'running', attempts = attempts + 1,
+                            started_at = coalesce(started_at, now()), updated_at = now()
+            WHERE id = $1 AND state NOT IN ('succeeded', 'failed', 'cancelled', 'expired')
+            RETURNING id, attempts)
+         INSERT INTO job_transitions (job_id, state, attempt)
+         SELECT id, 'running', attempts FROM j
+         RETURNING attempt",
+    )
+    .bind(id.0)
+    .fetch_optional(pool)
+    .await?;
+    Ok(attempt.map(|a| u32::try_from(a).unwrap_or(0)))
+}
+
+/// Evidence of one provider call.
+#[derive(Debug, Clone)]
+pub struct AttemptRecord {
+    /// Attempt number (1-based).
+    pub attempt: u32,
+    /// When the call started.
+    pub started_at: DateTime<Utc>,
+    /// Provider name.
+    pub provider: String,
+    /// Base URL host.
+    pub base_url_host: String,
+    /// Endpoint path.
+    pub endpoint: String,
+    /// Model called.
+    pub model: String,
+    /// HTTP status, when there was a response.
+    pub http_status: Option<u16>,
+    /// `succeeded`, `retry` or `fatal`.
+    pub outcome: &'static str,
+    /// Error class.
+    pub error_class: Option<&'static str>,
+    /// Failed layer.
+    pub failed_layer: Option<&'static str>,
+    /// Provider error type.
+    pub error_type: Option<String>,
+    /// Provider error code.
+    pub error_code: Option<String>,
+    /// Message.
+    pub error_message: Option<String>,
+    /// Provider request id.
+    pub provider_request_id: Option<String>,
+    /// Call latency.
+    pub latency_ms: u32,
+    /// Prompt tokens used.
+    pub prompt_tokens: Option<u64>,
+    /// Completion tokens used.
+    pub completion_tokens: Option<u64>,
+}
+
+/// A state change to record.
+#[derive(Debug, Clone)]
+pub struct Transition<'a> {
+    /// State entered.
+    pub state: JobState,
+    /// Attempt it belongs to.
+    pub attempt: u32,
+    /// Result, on success.
+    pub result: Option<&'a CompletionResult>,
+    /// Error class and message, on failure/retry.
+    pub error: Option<(&'a str, &'a str)>,
+    /// Call evidence, when a call was made.
+    pub evidence: Option<&'a AttemptRecord>,
+    /// Extra detail for the history (e.g. next attempt time).
+    pub detail: Option<serde_json::Value>,
+}
+
+/// Records a transition (and the attempt's evidence) in one statement. Returns false when
+/// the job was already terminal (nothing changed).
+pub async fn record(pool: &PgPool, id: JobId, t: &Transition<'_>) -> Result<bool, sqlx::Error> {
+    let e = t.evidence;
+    let to_i64 = |v: Option<u64>| v.map(|x| i64::try_from(x).unwrap_or(i64::MAX));
+    let changed: Option<uuid::Uuid> = sqlx::query_scalar(
+        "WITH j AS (
+            UPDATE jobs SET state = $2,
+                            result = coalesce($3, result),
+                            error_class = coalesce($4, error_class),
+                            error_message = coalesce($5, error_message),
+                            finished_at = CASE WHEN $6 THEN now() ELSE finished_at END,
+                            updated_at = now()
+            WHERE id = $1 AND state NOT IN ('succeeded', 'failed', 'cancelled', 'expired')
+            RETURNING id),
+         a AS (
+            INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, provider, base_url_host,
+                endpoint, model, http_status, outcome, error_class, failed_layer, error_type, error_code,
+                error_message, provider_request_id, latency_ms, prompt_tokens, completion_tokens)
+            SELECT id, $7, $8, now(), $9, $10, $11, $12, $13, $14, $15, $16, $17, $18, $19, $20, $21, $22, $23
+            FROM j WHERE $7 IS NOT NULL
+            ON CONFLICT (job_id, attempt) DO NOTHING)
+         INSERT INTO job_transitions (job_id, state, attempt, detail)
+         SELECT id, $2, $24, $25 FROM j
+         RETURNING job_id",
+    )
+    .bind(id.0)
+    .bind(t.state.as_str())
+    .bind(t.result.map(sqlx::types::Json))
+    .bind(t.error.map(|(c, _)| c))
+    .bind(t.error.map(|(_, m)| m))
+    .bind(t.state.is_terminal())
+    .bind(e.map(|e| i32::try_from(e.attempt).unwrap_or(i32::MAX)))
+    .bind(e.map(|e| e.started_at))
+    .bind(e.map(|e| e.provider.as_str()))
+    .bind(e.map(|e| e.base_url_host.as_str()))
+    .bind(e.map(|e| e.endpoint.as_str()))
+    .bind(e.map(|e| e.model.as_str()))
+    .bind(e.and_then(|e| e.http_status).map(i32::from))
+    .bind(e.map(|e| e.outcome))
+    .bind(e.and_then(|e| e.error_class))
+    .bind(e.and_then(|e| e.failed_layer))
+    .bind(e.and_then(|e| e.error_type.as_deref()))
+    .bind(e.and_then(|e| e.error_code.as_deref()))
+    .bind(e.and_then(|e| e.error_message.as_deref()))
+    .bind(e.and_then(|e| e.provider_request_id.as_deref()))
+    .bind(e.map(|e| i32::try_from(e.latency_ms).unwrap_or(i32::MAX)))
+    .bind(to_i64(e.and_then(|e| e.prompt_tokens)))
+    .bind(to_i64(e.and_then(|e| e.completion_tokens)))
+    .bind(i32::try_from(t.attempt).unwrap_or(i32::MAX))
+    .bind(t.detail.as_ref().map(sqlx::types::Json))
+    .fetch_optional(pool)
+    .await?;
+    Ok(changed.is_some())
+}
