@@ -20,10 +20,14 @@ CREATE TABLE jobs (
     updated_at      timestamptz NOT NULL DEFAULT now(),
     started_at      timestamptz,
     finished_at     timestamptz,
+    -- Set once the broker confirmed the job's message; a job left unpublished (a producer
+    -- that died between insert and publish) is published by a worker's sweep.
+    published_at    timestamptz,
     CONSTRAINT jobs_tenant_idempotency_key UNIQUE (tenant, idempotency_key)
 );
 
 CREATE INDEX jobs_tenant_created ON jobs (tenant, created_at DESC);
+CREATE INDEX jobs_unpublished ON jobs (created_at) WHERE published_at IS NULL;
 CREATE INDEX jobs_live_state ON jobs (state) WHERE state NOT IN ('succeeded', 'failed', 'cancelled', 'expired');
 
 -- One row per provider call, with the evidence an operator needs. No secrets.

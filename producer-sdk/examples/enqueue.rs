@@ -15,14 +15,22 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
     let db = std::env::var("LLMQ_DATABASE_URL")
         .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/llmq".into());
-    let prompt = std::env::args().nth(1).unwrap_or_else(|| "Say hello".into());
+    let prompt = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "Say hello".into());
 
     let client = Client::connect(&amqp, &db).await?;
     let id = client
-        .enqueue(NewJob::new("example", "gpt-4o-mini", vec![ChatMessage::user(prompt)]).max_tokens(128))
+        .enqueue(
+            NewJob::new("example", "gpt-4o-mini", vec![ChatMessage::user(prompt)]).max_tokens(128),
+        )
         .await?;
     println!("enqueued {id}");
     let status = client.wait(id, Duration::from_secs(120)).await?;
-    println!("{}: {}", status.state, status.result.map(|r| r.content).unwrap_or_default());
+    println!(
+        "{}: {}",
+        status.state,
+        status.result.map(|r| r.content).unwrap_or_default()
+    );
     Ok(())
 }

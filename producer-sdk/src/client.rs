@@ -89,7 +89,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("topology", &self.topology).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("topology", &self.topology)
+            .finish_non_exhaustive()
     }
 }
 
@@ -106,7 +108,10 @@ impl Client {
             .acquire_timeout(Duration::from_secs(10))
             .connect(&config.database_url)
             .await
-            .map_err(|e| Error::Connect { service: "PostgreSQL", reason: e.to_string() })?;
+            .map_err(|e| Error::Connect {
+                service: "PostgreSQL",
+                reason: e.to_string(),
+            })?;
         Self::connect_with_pool(config, pool).await
     }
 
@@ -120,7 +125,9 @@ impl Client {
         }
         let connection = connect_amqp(&config.amqp_url, "llmq-producer").await?;
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         let topology = Topology::new(config.queue_prefix);
         topology.declare(&channel).await?;
         Ok(Self {
@@ -183,7 +190,10 @@ impl Client {
             .bind(&envelope.idempotency_key)
             .fetch_one(&self.pool)
             .await?;
-            return Ok(Enqueued { id: JobId(existing), duplicate: true });
+            return Ok(Enqueued {
+                id: JobId(existing),
+                duplicate: true,
+            });
         }
 
         if let Err(e) = self.publish(&envelope, body).await {
@@ -194,48 +204,37 @@ impl Client {
                 .await?;
             return Err(e);
         }
-        Ok(Enqueued { id: envelope.id, duplicate: false })
+        // Best effort: if this write is lost, a worker's sweep republishes the job, and the
+        // duplicate delivery is recognised and dropped.
+        if let Err(e) = sqlx::query("UPDATE jobs SET published_at = now() WHERE id = $1")
+            .bind(envelope.id.0)
+            .execute(&self.pool)
+            .await
+        {
+            tracing::warn!(job_id = %envelope.id, error = %e, "could not mark the job published");
+        }
+        Ok(Enqueued {
+            id: envelope.id,
+            duplicate: false,
+        })
     }
 
     async fn publish(&self, envelope: &JobEnvelope, body: Vec<u8>) -> Result<()> {
-        let mut headers = FieldTable::default();
-        headers.insert(ShortString::from("x-llmq-version"), AMQPValue::LongUInt(envelope.version));
-        headers.insert(ShortString::from("x-llmq-tenant"), AMQPValue::LongString(envelope.tenant.clone().into()));
-        if let Some(tc) = &envelope.trace_context {
-            headers.insert(ShortString::from("traceparent"), AMQPValue::LongString(tc.traceparent.clone().into()));
-        }
-        let props = BasicProperties::default()
-            .with_message_id(envelope.id.to_string().into())
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_headers(headers);
-        let confirm = self
-            .channel
-            .basic_publish(
-                "",
-                &self.topology.work_queue(),
-                BasicPublishOptions { mandatory: true, ..Default::default() },
-                &body,
-                props,
-            )
-            .await?
-            .await?;
-        match confirm {
-            Confirmation::Ack(None) => Ok(()),
-            Confirmation::Ack(Some(_)) => Err(Error::NotConfirmed(envelope.id, "work queue missing; message returned")),
-            Confirmation::Nack(_) => Err(Error::NotConfirmed(envelope.id, "broker nacked the message")),
-            Confirmation::NotRequested => Err(Error::NotConfirmed(envelope.id, "confirms not enabled")),
-        }
+        publish_job(&self.channel, &self.topology, envelope, body).await
     }
 
     /// The job's status, whichever tenant owns it.
     pub async fn status(&self, id: JobId) -> Result<JobStatus> {
-        fetch_status(&self.pool, id, None).await?.ok_or(Error::NotFound(id))
+        fetch_status(&self.pool, id, None)
+            .await?
+            .ok_or(Error::NotFound(id))
     }
 
     /// The job's status if `tenant` owns it; [`Error::NotFound`] otherwise.
     pub async fn status_for_tenant(&self, id: JobId, tenant: &str) -> Result<JobStatus> {
-        fetch_status(&self.pool, id, Some(tenant)).await?.ok_or(Error::NotFound(id))
+        fetch_status(&self.pool, id, Some(tenant))
+            .await?
+            .ok_or(Error::NotFound(id))
     }
 
     /// Waits until the job reaches a terminal state, or `timeout` passes.
@@ -249,7 +248,10 @@ impl Client {
             }
             let now = tokio::time::Instant::now();
             if now >= deadline {
-                return Err(Error::Timeout { id, state: status.state });
+                return Err(Error::Timeout {
+                    id,
+                    state: status.state,
+                });
             }
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(500));
@@ -265,11 +267,18 @@ pub async fn connect_amqp(url: &str, name: &str) -> Result<Connection> {
         .with_reactor(tokio_reactor_trait::Tokio);
     Connection::connect(url, props)
         .await
-        .map_err(|e| Error::Connect { service: "RabbitMQ", reason: e.to_string() })
+        .map_err(|e| Error::Connect {
+            service: "RabbitMQ",
+            reason: e.to_string(),
+        })
 }
 
 /// Reads one job's status; `tenant` restricts it to that owner.
-pub async fn fetch_status(pool: &PgPool, id: JobId, tenant: Option<&str>) -> Result<Option<JobStatus>> {
+pub async fn fetch_status(
+    pool: &PgPool,
+    id: JobId,
+    tenant: Option<&str>,
+) -> Result<Option<JobStatus>> {
     let row = sqlx::query(
         "SELECT id, tenant, state, model, attempts, max_attempts, created_at, updated_at,
                 finished_at, result, error_class, error_message, envelope->'metadata' AS metadata
@@ -281,9 +290,9 @@ pub async fn fetch_status(pool: &PgPool, id: JobId, tenant: Option<&str>) -> Res
     .await?;
     let Some(row) = row else { return Ok(None) };
     let state: String = row.try_get("state")?;
-    let state: JobState = state
-        .parse()
-        .map_err(|e: crate::protocol::UnknownState| Error::Database(sqlx::Error::Decode(e.into())))?;
+    let state: JobState = state.parse().map_err(|e: crate::protocol::UnknownState| {
+        Error::Database(sqlx::Error::Decode(e.into()))
+    })?;
     let result: Option<sqlx::types::Json<CompletionResult>> = row.try_get("result")?;
     let error_class: Option<String> = row.try_get("error_class")?;
     let error_message: Option<String> = row.try_get("error_message")?;
@@ -308,4 +317,59 @@ pub async fn fetch_status(pool: &PgPool, id: JobId, tenant: Option<&str>) -> Res
         }),
         metadata: metadata.map(|m| m.0).unwrap_or_default(),
     }))
+}
+
+/// Publishes a job's envelope to the work queue and waits for the broker's confirm.
+/// `channel` must be in confirm mode.
+pub async fn publish_job(
+    channel: &Channel,
+    topology: &Topology,
+    envelope: &JobEnvelope,
+    body: Vec<u8>,
+) -> Result<()> {
+    let mut headers = FieldTable::default();
+    headers.insert(
+        ShortString::from("x-llmq-version"),
+        AMQPValue::LongUInt(envelope.version),
+    );
+    headers.insert(
+        ShortString::from("x-llmq-tenant"),
+        AMQPValue::LongString(envelope.tenant.clone().into()),
+    );
+    if let Some(tc) = &envelope.trace_context {
+        headers.insert(
+            ShortString::from("traceparent"),
+            AMQPValue::LongString(tc.traceparent.clone().into()),
+        );
+    }
+    let props = BasicProperties::default()
+        .with_message_id(envelope.id.to_string().into())
+        .with_content_type("application/json".into())
+        .with_delivery_mode(2)
+        .with_headers(headers);
+    let confirm = channel
+        .basic_publish(
+            "",
+            &topology.work_queue(),
+            BasicPublishOptions {
+                mandatory: true,
+                ..Default::default()
+            },
+            &body,
+            props,
+        )
+        .await?
+        .await?;
+    match confirm {
+        Confirmation::Ack(None) => Ok(()),
+        Confirmation::Ack(Some(_)) => Err(Error::NotConfirmed(
+            envelope.id,
+            "work queue missing; message returned",
+        )),
+        Confirmation::Nack(_) => Err(Error::NotConfirmed(
+            envelope.id,
+            "broker nacked the message",
+        )),
+        Confirmation::NotRequested => Err(Error::NotConfirmed(envelope.id, "confirms not enabled")),
+    }
 }

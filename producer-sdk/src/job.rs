@@ -29,14 +29,21 @@ pub struct NewJob {
 impl NewJob {
     /// A job for `tenant` asking `model` to answer `messages`. Set `max_tokens` before
     /// enqueuing: it is required.
-    pub fn new(tenant: impl Into<String>, model: impl Into<String>, messages: Vec<ChatMessage>) -> Self {
+    pub fn new(
+        tenant: impl Into<String>,
+        model: impl Into<String>,
+        messages: Vec<ChatMessage>,
+    ) -> Self {
         Self {
             envelope: JobEnvelope {
                 version: PROTOCOL_VERSION,
                 id: JobId::new(),
                 tenant: tenant.into(),
                 idempotency_key: None,
-                route: Route { model: model.into(), provider: None },
+                route: Route {
+                    model: model.into(),
+                    provider: None,
+                },
                 fallbacks: Vec::new(),
                 request: ChatRequest {
                     messages,

@@ -38,7 +38,7 @@ pub mod protocol;
 pub mod topology;
 pub mod validate;
 
-pub use client::{connect_amqp, fetch_status, Client, ClientConfig, Enqueued};
+pub use client::{connect_amqp, fetch_status, publish_job, Client, ClientConfig, Enqueued};
 pub use error::{Error, Result};
 pub use job::{NewJob, DEFAULT_MAX_ATTEMPTS};
 pub use protocol::{

@@ -91,11 +91,19 @@ pub struct ChatMessage {
 impl ChatMessage {
     /// A user message.
     pub fn user(content: impl Into<String>) -> Self {
-        Self { role: Role::User, content: content.into(), name: None }
+        Self {
+            role: Role::User,
+            content: content.into(),
+            name: None,
+        }
     }
     /// A system message.
     pub fn system(content: impl Into<String>) -> Self {
-        Self { role: Role::System, content: content.into(), name: None }
+        Self {
+            role: Role::System,
+            content: content.into(),
+            name: None,
+        }
     }
 }
 

@@ -29,7 +29,9 @@ pub struct Topology {
 impl Topology {
     /// Topology under `prefix` (e.g. `llmq`, or a unique prefix per test).
     pub fn new(prefix: impl Into<String>) -> Self {
-        Self { prefix: prefix.into() }
+        Self {
+            prefix: prefix.into(),
+        }
     }
 
     /// The work queue.
@@ -63,41 +65,67 @@ impl Topology {
 
     /// Declares every queue and exchange (idempotent).
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
-        let durable = QueueDeclareOptions { durable: true, ..Default::default() };
+        let durable = QueueDeclareOptions {
+            durable: true,
+            ..Default::default()
+        };
         let mut dead_args = FieldTable::default();
-        dead_args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
+        dead_args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString("quorum".into()),
+        );
         channel
             .queue_declare(&self.dead_queue(), durable, dead_args)
             .await?;
 
         let mut work_args = FieldTable::default();
-        work_args.insert(ShortString::from("x-queue-type"), AMQPValue::LongString("quorum".into()));
-        work_args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString("".into()));
+        work_args.insert(
+            ShortString::from("x-queue-type"),
+            AMQPValue::LongString("quorum".into()),
+        );
+        work_args.insert(
+            ShortString::from("x-dead-letter-exchange"),
+            AMQPValue::LongString("".into()),
+        );
         work_args.insert(
             ShortString::from("x-dead-letter-routing-key"),
             AMQPValue::LongString(self.dead_queue().into()),
         );
-        work_args.insert(ShortString::from("x-delivery-limit"), AMQPValue::LongLongInt(DELIVERY_LIMIT));
+        work_args.insert(
+            ShortString::from("x-delivery-limit"),
+            AMQPValue::LongLongInt(DELIVERY_LIMIT),
+        );
         channel
             .queue_declare(&self.work_queue(), durable, work_args)
             .await?;
 
         for tier in DELAY_TIERS_SECS {
             let mut args = FieldTable::default();
-            args.insert(ShortString::from("x-message-ttl"), AMQPValue::LongLongInt(i64::try_from(tier * 1000).unwrap_or(i64::MAX)));
-            args.insert(ShortString::from("x-dead-letter-exchange"), AMQPValue::LongString("".into()));
+            args.insert(
+                ShortString::from("x-message-ttl"),
+                AMQPValue::LongLongInt(i64::try_from(tier * 1000).unwrap_or(i64::MAX)),
+            );
+            args.insert(
+                ShortString::from("x-dead-letter-exchange"),
+                AMQPValue::LongString("".into()),
+            );
             args.insert(
                 ShortString::from("x-dead-letter-routing-key"),
                 AMQPValue::LongString(self.work_queue().into()),
             );
-            channel.queue_declare(&self.delay_queue(tier), durable, args).await?;
+            channel
+                .queue_declare(&self.delay_queue(tier), durable, args)
+                .await?;
         }
 
         channel
             .exchange_declare(
                 &self.events_exchange(),
                 ExchangeKind::Topic,
-                ExchangeDeclareOptions { durable: true, ..Default::default() },
+                ExchangeDeclareOptions {
+                    durable: true,
+                    ..Default::default()
+                },
                 FieldTable::default(),
             )
             .await?;

@@ -14,8 +14,11 @@ pub struct Limits {
     pub max_messages: usize,
     /// Largest `max_tokens` accepted.
     pub max_output_tokens: u32,
-    /// Context window: estimated prompt tokens + `max_tokens` must fit in it.
+    /// Context window of models not listed in `context_by_model`: estimated prompt
+    /// tokens + `max_tokens` must fit in it.
     pub context_tokens: u32,
+    /// Context window per model name.
+    pub context_by_model: std::collections::BTreeMap<String, u32>,
     /// Largest `max_attempts` accepted.
     pub max_attempts: u32,
 }
@@ -27,8 +30,19 @@ impl Default for Limits {
             max_messages: 1024,
             max_output_tokens: 16_384,
             context_tokens: 128_000,
+            context_by_model: std::collections::BTreeMap::new(),
             max_attempts: 20,
         }
+    }
+}
+
+impl Limits {
+    /// The context window of `model`.
+    pub fn context_for(&self, model: &str) -> u32 {
+        self.context_by_model
+            .get(model)
+            .copied()
+            .unwrap_or(self.context_tokens)
     }
 }
 
@@ -191,11 +205,12 @@ pub fn validate(job: &JobEnvelope, limits: &Limits) -> Result<(), ValidationErro
         });
     }
     let prompt_tokens = estimate_prompt_tokens(&req.messages);
-    if prompt_tokens + u64::from(max_tokens) > u64::from(limits.context_tokens) {
+    let context_tokens = limits.context_for(&job.route.model);
+    if prompt_tokens + u64::from(max_tokens) > u64::from(context_tokens) {
         return Err(ValidationError::ContextOverflow {
             prompt_tokens,
             max_tokens,
-            context_tokens: limits.context_tokens,
+            context_tokens,
         });
     }
     Ok(())
@@ -225,19 +240,37 @@ mod tests {
         assert_eq!(validate(&j, &l), Err(ValidationError::EmptyMessages));
         let mut j = job();
         j.request.max_tokens = None;
-        assert!(matches!(validate(&j, &l), Err(ValidationError::MissingMaxTokens { .. })));
+        assert!(matches!(
+            validate(&j, &l),
+            Err(ValidationError::MissingMaxTokens { .. })
+        ));
         let mut j = job();
         j.request.max_tokens = Some(0);
-        assert!(matches!(validate(&j, &l), Err(ValidationError::MaxTokensOutOfRange { .. })));
+        assert!(matches!(
+            validate(&j, &l),
+            Err(ValidationError::MaxTokensOutOfRange { .. })
+        ));
         let mut j = job();
         j.version = 2;
-        assert_eq!(validate(&j, &l), Err(ValidationError::UnsupportedVersion(2)));
+        assert_eq!(
+            validate(&j, &l),
+            Err(ValidationError::UnsupportedVersion(2))
+        );
         let mut j = job();
         j.request.messages = vec![ChatMessage::user("x".repeat(300_000))];
-        assert!(matches!(validate(&j, &l), Err(ValidationError::BodyTooLarge { .. })));
+        assert!(matches!(
+            validate(&j, &l),
+            Err(ValidationError::BodyTooLarge { .. })
+        ));
         let mut j = job();
         j.request.messages = vec![ChatMessage::user("x".repeat(400_000))];
-        let small = Limits { max_body_bytes: 1 << 20, ..l.clone() };
-        assert!(matches!(validate(&j, &small), Err(ValidationError::ContextOverflow { .. })));
+        let small = Limits {
+            max_body_bytes: 1 << 20,
+            ..l.clone()
+        };
+        assert!(matches!(
+            validate(&j, &small),
+            Err(ValidationError::ContextOverflow { .. })
+        ));
     }
 }

@@ -11,8 +11,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use chrono::{DateTime, Utc};
 use llmq_producer_sdk::{
-    ChatMessage, ChatRequest, Client, ClientConfig, JobEnvelope, JobId, JobStatus, Route, ValidationError,
-    DEFAULT_MAX_ATTEMPTS, PROTOCOL_VERSION,
+    ChatMessage, ChatRequest, Client, ClientConfig, JobEnvelope, JobId, JobStatus, Route,
+    ValidationError, DEFAULT_MAX_ATTEMPTS, PROTOCOL_VERSION,
 };
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
@@ -37,8 +37,15 @@ pub struct ApiHandle {
 }
 
 /// Binds `settings.api.bind` and serves until `shutdown` is cancelled.
-pub async fn start(settings: &Settings, pool: PgPool, shutdown: CancellationToken) -> anyhow::Result<ApiHandle> {
-    let mut config = ClientConfig::new(settings.amqp_url.expose_secret(), settings.database_url.expose_secret());
+pub async fn start(
+    settings: &Settings,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<ApiHandle> {
+    let mut config = ClientConfig::new(
+        settings.amqp_url.expose_secret(),
+        settings.database_url.expose_secret(),
+    );
     config.queue_prefix.clone_from(&settings.queue_prefix);
     config.limits = settings.limits.clone();
     let client = Client::connect_with_pool(config, pool.clone()).await?;
@@ -49,7 +56,8 @@ pub async fn start(settings: &Settings, pool: PgPool, shutdown: CancellationToke
         .route("/healthz", get(healthz))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(AppState { client, pool });
-    let listener = tokio::net::TcpListener::bind(&settings.api.bind).await
+    let listener = tokio::net::TcpListener::bind(&settings.api.bind)
+        .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (api.bind): {e}", settings.api.bind))?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "API listening");
@@ -116,7 +124,10 @@ async fn create_job(
         id: JobId::new(),
         tenant: req.tenant.unwrap_or_else(|| "default".into()),
         idempotency_key: req.idempotency_key,
-        route: Route { model: req.model, provider: req.provider },
+        route: Route {
+            model: req.model,
+            provider: req.provider,
+        },
         fallbacks: req.fallbacks,
         request: ChatRequest {
             messages: req.messages,
@@ -134,7 +145,11 @@ async fn create_job(
         trace_context: None,
     };
     let enqueued = state.client.enqueue_envelope(envelope).await?;
-    let code = if enqueued.duplicate { StatusCode::OK } else { StatusCode::ACCEPTED };
+    let code = if enqueued.duplicate {
+        StatusCode::OK
+    } else {
+        StatusCode::ACCEPTED
+    };
     Ok((
         code,
         Json(Created {
@@ -146,10 +161,13 @@ async fn create_job(
     ))
 }
 
-async fn get_job(State(state): State<AppState>, Path(id): Path<String>) -> Result<Json<JobStatus>, ApiError> {
-    let id: JobId = id
-        .parse()
-        .map_err(|_| ApiError::BadRequest("bad_job_id", format!("`{id}` is not a job id (a UUID)")))?;
+async fn get_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobStatus>, ApiError> {
+    let id: JobId = id.parse().map_err(|_| {
+        ApiError::BadRequest("bad_job_id", format!("`{id}` is not a job id (a UUID)"))
+    })?;
     Ok(Json(state.client.status(id).await?))
 }
 
@@ -161,7 +179,11 @@ async fn healthz(State(state): State<AppState>) -> Response {
         "postgres": db,
         "rabbitmq": broker,
     });
-    let code = if db && broker { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    let code = if db && broker {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
     (code, Json(body)).into_response()
 }
 
@@ -177,9 +199,18 @@ enum ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         if r.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            return ApiError::BadRequest("body_too_large", "the request body is over the size limit: send a shorter prompt".into());
+            return ApiError::BadRequest(
+                "body_too_large",
+                "the request body is over the size limit: send a shorter prompt".into(),
+            );
         }
-        ApiError::BadRequest("invalid_json", format!("{}; see \"POST /v1/jobs\" in the README for the job fields", r.body_text()))
+        ApiError::BadRequest(
+            "invalid_json",
+            format!(
+                "{}; see \"POST /v1/jobs\" in the README for the job fields",
+                r.body_text()
+            ),
+        )
     }
 }
 
@@ -199,7 +230,9 @@ impl From<llmq_producer_sdk::Error> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, code, message) = match self {
-            ApiError::BadRequest(code, m) if code == "body_too_large" => (StatusCode::PAYLOAD_TOO_LARGE, code, m),
+            ApiError::BadRequest(code, m) if code == "body_too_large" => {
+                (StatusCode::PAYLOAD_TOO_LARGE, code, m)
+            }
             ApiError::BadRequest(code, m) => (StatusCode::BAD_REQUEST, code, m),
             ApiError::Invalid(v) => {
                 let status = if matches!(v, ValidationError::BodyTooLarge { .. }) {
@@ -209,9 +242,17 @@ impl IntoResponse for ApiError {
                 };
                 (status, v.code(), v.to_string())
             }
-            ApiError::NotFound(id) => (StatusCode::NOT_FOUND, "not_found", format!("job {id} not found")),
+            ApiError::NotFound(id) => (
+                StatusCode::NOT_FOUND,
+                "not_found",
+                format!("job {id} not found"),
+            ),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
         };
-        (status, Json(serde_json::json!({ "error": { "code": code, "message": message } }))).into_response()
+        (
+            status,
+            Json(serde_json::json!({ "error": { "code": code, "message": message } })),
+        )
+            .into_response()
     }
 }

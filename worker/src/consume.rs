@@ -20,9 +20,13 @@ use std::time::{Duration, Instant};
 use chrono::Utc;
 use futures_util::StreamExt;
 use lapin::message::Delivery;
-use lapin::options::{BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+use lapin::options::{
+    BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
+};
 use lapin::types::{AMQPValue, FieldTable};
-use llmq_producer_sdk::{CompletionResult, ErrorSummary, JobEnvelope, JobEvent, JobState, Topology, PROTOCOL_VERSION};
+use llmq_producer_sdk::{
+    CompletionResult, ErrorSummary, JobEnvelope, JobEvent, JobState, Topology, PROTOCOL_VERSION,
+};
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
@@ -57,6 +61,8 @@ pub enum Processed {
     Expired,
     /// A redelivery of a finished job: acked, no provider call.
     AlreadyFinished,
+    /// A second copy of a job another delivery is running: acked, no provider call.
+    Duplicate,
     /// Not a job this worker can run: dead-lettered with the reason.
     DeadLettered {
         /// Why.
@@ -86,12 +92,17 @@ impl Worker {
             Err(err) => return self.reject(delivery, &err.to_string(), "malformed").await,
         };
         let span = tracing::info_span!("job", job_id = %envelope.id, tenant = %envelope.tenant);
-        self.process_envelope(delivery, envelope).instrument(span).await
+        self.process_envelope(delivery, envelope)
+            .instrument(span)
+            .await
     }
 
     async fn process_envelope(&self, delivery: Delivery, env: JobEnvelope) -> Processed {
         let id = env.id;
-        let Some(state) = self.durably("read job", || store::load_state(&self.pool, id)).await else {
+        let Some(state) = self
+            .durably("read job", || store::load_state(&self.pool, id))
+            .await
+        else {
             return Processed::HandedBack;
         };
         match state {
@@ -108,8 +119,19 @@ impl Worker {
         }
 
         if env.deadline.is_some_and(|d| d <= Utc::now()) {
-            let t = Transition { state: JobState::Expired, attempt: 0, result: None, error: Some(("expired", "deadline passed before the job could run")), evidence: None, detail: None };
-            if self.durably("record expiry", || store::record(&self.pool, id, &t)).await.is_none() {
+            let t = Transition {
+                state: JobState::Expired,
+                attempt: 0,
+                result: None,
+                error: Some(("expired", "deadline passed before the job could run")),
+                evidence: None,
+                detail: None,
+            };
+            if self
+                .durably("record expiry", || store::record(&self.pool, id, &t))
+                .await
+                .is_none()
+            {
                 return Processed::HandedBack;
             }
             self.emit(&env, JobState::Expired, 0, None, t.error).await;
@@ -117,22 +139,38 @@ impl Worker {
             return Processed::Expired;
         }
 
-        let Some(claimed) = self.durably("claim job", || store::claim(&self.pool, id)).await else {
+        let redelivered = delivery.redelivered;
+        let Some(claimed) = self
+            .durably("claim job", || store::claim(&self.pool, id, redelivered))
+            .await
+        else {
             return Processed::HandedBack;
         };
         let Some(attempt) = claimed else {
+            info!("another delivery owns this job, or it just finished; acking this copy");
             ack(&delivery).await;
-            return Processed::AlreadyFinished;
+            return Processed::Duplicate;
         };
 
-        let provider_name = env.route.provider.clone().unwrap_or_else(|| self.default_provider.clone());
+        let provider_name = env
+            .route
+            .provider
+            .clone()
+            .unwrap_or_else(|| self.default_provider.clone());
         let Some(provider) = self.providers.get(&provider_name).cloned() else {
             let failure = Failure {
                 class: ErrorClass::BadRequest,
                 http_status: None,
                 error_type: None,
                 error_code: Some("unknown_provider".into()),
-                message: format!("provider `{provider_name}` is not configured on this worker (have: {})", self.providers.keys().cloned().collect::<Vec<_>>().join(", ")),
+                message: format!(
+                    "provider `{provider_name}` is not configured on this worker (have: {})",
+                    self.providers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
                 request_id: None,
             };
             return self.fail(delivery, &env, attempt, failure, None).await;
@@ -176,12 +214,29 @@ impl Worker {
                     provider_request_id: reply.request_id,
                     usage: reply.usage,
                 };
-                let t = Transition { state: JobState::Succeeded, attempt, result: Some(&result), error: None, evidence: Some(&evidence), detail: None };
-                if self.durably("record result", || store::record(&self.pool, id, &t)).await.is_none() {
+                let t = Transition {
+                    state: JobState::Succeeded,
+                    attempt,
+                    result: Some(&result),
+                    error: None,
+                    evidence: Some(&evidence),
+                    detail: None,
+                };
+                if self
+                    .durably("record result", || store::record(&self.pool, id, &t))
+                    .await
+                    .is_none()
+                {
                     return Processed::HandedBack;
                 }
-                info!(attempt, latency_ms, tokens = result.usage.total_tokens, "job succeeded");
-                self.emit(&env, JobState::Succeeded, attempt, Some(result), None).await;
+                info!(
+                    attempt,
+                    latency_ms,
+                    tokens = result.usage.total_tokens,
+                    "job succeeded"
+                );
+                self.emit(&env, JobState::Succeeded, attempt, Some(result), None)
+                    .await;
                 ack(&delivery).await;
                 Processed::Succeeded
             }
@@ -189,37 +244,75 @@ impl Worker {
                 fill_failure(&mut evidence, &failure, "retry");
                 let wait = retry::delay(attempt, after, self.retry_base, self.retry_cap);
                 let tier = Topology::delay_tier(wait);
-                let next_at = Utc::now() + chrono::Duration::seconds(i64::try_from(tier).unwrap_or(0));
+                let next_at =
+                    Utc::now() + chrono::Duration::seconds(i64::try_from(tier).unwrap_or(0));
                 let t = Transition {
                     state: JobState::Retrying,
                     attempt,
                     result: None,
                     error: Some((failure.class.as_str(), &failure.message)),
                     evidence: Some(&evidence),
-                    detail: Some(serde_json::json!({ "next_attempt_at": next_at, "error_class": failure.class.as_str() })),
+                    detail: Some(
+                        serde_json::json!({ "next_attempt_at": next_at, "error_class": failure.class.as_str() }),
+                    ),
                 };
-                if self.durably("record retry", || store::record(&self.pool, id, &t)).await.is_none() {
+                if self
+                    .durably("record retry", || store::record(&self.pool, id, &t))
+                    .await
+                    .is_none()
+                {
                     return Processed::HandedBack;
                 }
-                warn!(attempt, class = failure.class.as_str(), delay_s = tier, "attempt failed; retrying later");
-                let props = with_header(&delivery.properties, "x-llmq-attempt", AMQPValue::LongUInt(attempt));
-                match self.publisher.retry_later(&delivery.data, props, tier).await {
+                warn!(
+                    attempt,
+                    class = failure.class.as_str(),
+                    delay_s = tier,
+                    "attempt failed; retrying later"
+                );
+                let props = with_header(
+                    &delivery.properties,
+                    "x-llmq-attempt",
+                    AMQPValue::LongUInt(attempt),
+                );
+                match self
+                    .publisher
+                    .retry_later(&delivery.data, props, tier)
+                    .await
+                {
                     Ok(()) => ack(&delivery).await,
                     Err(e) => {
                         warn!(error = %e, "could not park the retry; requeueing the message instead");
                         nack(&delivery, true).await;
                     }
                 }
-                self.emit(&env, JobState::Retrying, attempt, None, Some((failure.class.as_str(), &failure.message))).await;
-                Processed::Retrying { class: failure.class.as_str(), delay_secs: tier }
+                self.emit(
+                    &env,
+                    JobState::Retrying,
+                    attempt,
+                    None,
+                    Some((failure.class.as_str(), &failure.message)),
+                )
+                .await;
+                Processed::Retrying {
+                    class: failure.class.as_str(),
+                    delay_secs: tier,
+                }
             }
             Outcome::RetryAfter(_, failure) | Outcome::Fatal(failure) => {
-                self.fail(delivery, &env, attempt, failure, Some(evidence)).await
+                self.fail(delivery, &env, attempt, failure, Some(evidence))
+                    .await
             }
         }
     }
 
-    async fn fail(&self, delivery: Delivery, env: &JobEnvelope, attempt: u32, failure: Failure, evidence: Option<AttemptRecord>) -> Processed {
+    async fn fail(
+        &self,
+        delivery: Delivery,
+        env: &JobEnvelope,
+        attempt: u32,
+        failure: Failure,
+        evidence: Option<AttemptRecord>,
+    ) -> Processed {
         let mut evidence = evidence;
         if let Some(ev) = evidence.as_mut() {
             fill_failure(ev, &failure, "fatal");
@@ -232,31 +325,76 @@ impl Worker {
             evidence: evidence.as_ref(),
             detail: None,
         };
-        if self.durably("record failure", || store::record(&self.pool, env.id, &t)).await.is_none() {
+        if self
+            .durably("record failure", || store::record(&self.pool, env.id, &t))
+            .await
+            .is_none()
+        {
             return Processed::HandedBack;
         }
-        warn!(attempt, class = failure.class.as_str(), layer = failure.class.layer(), "job failed");
-        let reason = format!("{} (layer {}): {}", failure.class.as_str(), failure.class.layer(), failure.message);
-        if let Err(e) = self.publisher.dead_letter(&delivery.data, &delivery.properties, &reason, failure.class.as_str()).await {
+        warn!(
+            attempt,
+            class = failure.class.as_str(),
+            layer = failure.class.layer(),
+            "job failed"
+        );
+        let reason = format!(
+            "{} (layer {}): {}",
+            failure.class.as_str(),
+            failure.class.layer(),
+            failure.message
+        );
+        if let Err(e) = self
+            .publisher
+            .dead_letter(
+                &delivery.data,
+                &delivery.properties,
+                &reason,
+                failure.class.as_str(),
+            )
+            .await
+        {
             warn!(error = %e, "could not copy the failed job to the dead-letter queue; its record holds the evidence");
         }
-        self.emit(env, JobState::Failed, attempt, None, Some((failure.class.as_str(), &failure.message))).await;
+        self.emit(
+            env,
+            JobState::Failed,
+            attempt,
+            None,
+            Some((failure.class.as_str(), &failure.message)),
+        )
+        .await;
         ack(&delivery).await;
-        Processed::Failed { class: failure.class.as_str() }
+        Processed::Failed {
+            class: failure.class.as_str(),
+        }
     }
 
     /// Dead-letters a message this worker cannot run, then acks it.
     async fn reject(&self, delivery: Delivery, reason: &str, class: &str) -> Processed {
         warn!(reason, "dead-lettering a message");
-        match self.publisher.dead_letter(&delivery.data, &delivery.properties, reason, class).await {
+        match self
+            .publisher
+            .dead_letter(&delivery.data, &delivery.properties, reason, class)
+            .await
+        {
             Ok(()) => ack(&delivery).await,
             // The queue's own dead-letter route keeps the message, without the reason.
             Err(_) => nack(&delivery, false).await,
         }
-        Processed::DeadLettered { reason: reason.to_owned() }
+        Processed::DeadLettered {
+            reason: reason.to_owned(),
+        }
     }
 
-    async fn emit(&self, env: &JobEnvelope, state: JobState, attempt: u32, result: Option<CompletionResult>, error: Option<(&str, &str)>) {
+    async fn emit(
+        &self,
+        env: &JobEnvelope,
+        state: JobState,
+        attempt: u32,
+        result: Option<CompletionResult>,
+        error: Option<(&str, &str)>,
+    ) {
         let event = JobEvent {
             version: PROTOCOL_VERSION,
             job_id: env.id,
@@ -265,7 +403,10 @@ impl Worker {
             at: Utc::now(),
             attempt,
             result,
-            error: error.map(|(c, m)| ErrorSummary { class: c.to_owned(), message: m.to_owned() }),
+            error: error.map(|(c, m)| ErrorSummary {
+                class: c.to_owned(),
+                message: m.to_owned(),
+            }),
         };
         if let Err(e) = self.publisher.event(&event).await {
             warn!(error = %e, "could not publish the job event; the record is durable");
@@ -313,7 +454,14 @@ async fn ack(d: &Delivery) {
 }
 
 async fn nack(d: &Delivery, requeue: bool) {
-    if let Err(e) = d.acker.nack(BasicNackOptions { requeue, ..Default::default() }).await {
+    if let Err(e) = d
+        .acker
+        .nack(BasicNackOptions {
+            requeue,
+            ..Default::default()
+        })
+        .await
+    {
         warn!(error = %e, "nack failed; the broker will redeliver");
     }
 }
@@ -321,7 +469,11 @@ async fn nack(d: &Delivery, requeue: bool) {
 /// Runs the worker until `shutdown` is cancelled, reconnecting to the broker when the
 /// connection drops. On shutdown: stop consuming, let in-flight jobs finish within the
 /// grace period, hand the rest back (unacked) and return.
-pub async fn run(settings: Settings, pool: PgPool, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    settings: Settings,
+    pool: PgPool,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
     for (name, p) in &settings.providers {
         providers.insert(name.clone(), provider::build(name, p)?);
@@ -354,10 +506,13 @@ async fn consume_session(
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let topology = Topology::new(settings.queue_prefix.clone());
-    let connection = llmq_producer_sdk::connect_amqp(settings.amqp_url.expose_secret(), "llmq-worker").await?;
+    let connection =
+        llmq_producer_sdk::connect_amqp(settings.amqp_url.expose_secret(), "llmq-worker").await?;
     let channel = connection.create_channel().await?;
     topology.declare(&channel).await?;
-    channel.basic_qos(settings.worker.concurrency, BasicQosOptions::default()).await?;
+    channel
+        .basic_qos(settings.worker.concurrency, BasicQosOptions::default())
+        .await?;
     let publisher = Publisher::new(&connection, topology.clone()).await?;
     let hard_stop = CancellationToken::new();
     let worker = Arc::new(Worker {
@@ -370,10 +525,22 @@ async fn consume_session(
         hard_stop: hard_stop.clone(),
     });
     let mut consumer = channel
-        .basic_consume(&topology.work_queue(), "", BasicConsumeOptions::default(), FieldTable::default())
+        .basic_consume(
+            &topology.work_queue(),
+            "",
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
         .await?;
     info!(queue = %topology.work_queue(), concurrency = settings.worker.concurrency, "worker consuming");
     let tracker = TaskTracker::new();
+    let session = shutdown.child_token();
+    tracker.spawn(sweep_orphans(
+        pool.clone(),
+        connection.create_channel().await?,
+        topology.clone(),
+        session.clone(),
+    ));
     let result = loop {
         tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
@@ -391,11 +558,17 @@ async fn consume_session(
     // Shutdown phases: (1) stop taking work; (2) let in-flight jobs finish within the
     // grace period; (3) past it, give up store retries so their messages stay unacked;
     // (4) close the channel, which hands every unacked message back to the broker.
-    let _ = channel.basic_cancel(consumer.tag().as_str(), BasicCancelOptions::default()).await;
+    session.cancel();
+    let _ = channel
+        .basic_cancel(consumer.tag().as_str(), BasicCancelOptions::default())
+        .await;
     tracker.close();
     let grace = Duration::from_secs(settings.worker.shutdown_grace_secs);
     if tokio::time::timeout(grace, tracker.wait()).await.is_err() {
-        warn!(in_flight = tracker.len(), "drain deadline passed; handing remaining jobs back to the queue");
+        warn!(
+            in_flight = tracker.len(),
+            "drain deadline passed; handing remaining jobs back to the queue"
+        );
         hard_stop.cancel();
         let _ = tokio::time::timeout(Duration::from_secs(2), tracker.wait()).await;
     }
@@ -403,4 +576,31 @@ async fn consume_session(
     let _ = connection.close(200, "worker stopping").await;
     info!("worker stopped");
     result
+}
+
+/// Every 15 s, publishes jobs a producer recorded but never published.
+async fn sweep_orphans(
+    pool: PgPool,
+    channel: lapin::Channel,
+    topology: Topology,
+    stop: CancellationToken,
+) {
+    if channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await
+        .is_err()
+    {
+        return;
+    }
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(15)) => {}
+        }
+        match store::publish_orphans(&pool, &channel, &topology, Duration::from_secs(30)).await {
+            Ok(0) => {}
+            Ok(n) => info!(jobs = n, "published jobs their producer left unpublished"),
+            Err(e) => warn!(error = %e, "orphan sweep failed; will retry"),
+        }
+    }
 }

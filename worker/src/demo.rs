@@ -45,8 +45,16 @@ pub async fn run(api: &str, jobs: usize, model: &str, timeout: Duration) -> anyh
                     "max_tokens": 64,
                     "metadata": {"demo_index": i},
                 });
-                let resp = http.post(format!("{api}/v1/jobs")).json(&body).send().await
-                    .map_err(|e| anyhow::anyhow!("cannot reach the API at {api}: {e}; is `llmq api` running?"))?;
+                let resp = http
+                    .post(format!("{api}/v1/jobs"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .map_err(|e| {
+                        anyhow::anyhow!(
+                            "cannot reach the API at {api}: {e}; is `llmq api` running?"
+                        )
+                    })?;
                 let status = resp.status();
                 let v: Value = resp.json().await?;
                 if !status.is_success() {
@@ -69,9 +77,17 @@ pub async fn run(api: &str, jobs: usize, model: &str, timeout: Duration) -> anyh
     while !pending.is_empty() && Instant::now() < deadline {
         let mut still = Vec::new();
         for id in pending {
-            let v: Value = http.get(format!("{api}/v1/jobs/{id}")).send().await?.json().await?;
+            let v: Value = http
+                .get(format!("{api}/v1/jobs/{id}"))
+                .send()
+                .await?
+                .json()
+                .await?;
             let state = v["state"].as_str().unwrap_or("unknown").to_owned();
-            if matches!(state.as_str(), "succeeded" | "failed" | "cancelled" | "expired") {
+            if matches!(
+                state.as_str(),
+                "succeeded" | "failed" | "cancelled" | "expired"
+            ) {
                 *by_state.entry(state).or_default() += 1;
                 pb.inc(1);
             } else {
@@ -90,10 +106,19 @@ pub async fn run(api: &str, jobs: usize, model: &str, timeout: Duration) -> anyh
         ids.len(),
         started.elapsed().as_secs_f64(),
         summary.join(", "),
-        if pending.is_empty() { String::new() } else { format!(", {} still running", pending.len()) }
+        if pending.is_empty() {
+            String::new()
+        } else {
+            format!(", {} still running", pending.len())
+        }
     );
     if let Some(first) = ids.first() {
-        let v: Value = http.get(format!("{api}/v1/jobs/{first}")).send().await?.json().await?;
+        let v: Value = http
+            .get(format!("{api}/v1/jobs/{first}"))
+            .send()
+            .await?
+            .json()
+            .await?;
         println!("\nexample result:\n{}", serde_json::to_string_pretty(&v)?);
         println!("\nwatch a job:   curl -s {api}/v1/jobs/{first}");
     }

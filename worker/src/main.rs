@@ -9,7 +9,11 @@ use llmq_worker::{api, connect_db, consume, demo, migrate, telemetry, Settings};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "llmq", version, about = "Queue-backed worker for LLM completion jobs")]
+#[command(
+    name = "llmq",
+    version,
+    about = "Queue-backed worker for LLM completion jobs"
+)]
 struct Cli {
     /// Settings file (TOML); environment variables LLMQ_* override it.
     #[arg(long, global = true, env = "LLMQ_CONFIG")]
@@ -57,7 +61,13 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
-    if let Command::Demo { api, jobs, model, timeout_secs } = &cli.command {
+    if let Command::Demo {
+        api,
+        jobs,
+        model,
+        timeout_secs,
+    } = &cli.command
+    {
         return demo::run(api, *jobs, model, Duration::from_secs(*timeout_secs)).await;
     }
     let settings = Settings::load(cli.config.as_deref())?;

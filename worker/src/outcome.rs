@@ -62,7 +62,10 @@ impl ErrorClass {
     pub fn is_retryable(self) -> bool {
         matches!(
             self,
-            ErrorClass::RateLimited | ErrorClass::Upstream | ErrorClass::Network | ErrorClass::Timeout
+            ErrorClass::RateLimited
+                | ErrorClass::Upstream
+                | ErrorClass::Network
+                | ErrorClass::Timeout
         )
     }
 }
@@ -99,15 +102,29 @@ pub enum Outcome {
 pub fn classify(result: Result<ProviderReply, CallError>) -> Outcome {
     let failure = match result {
         Ok(reply) => return Outcome::Succeeded(reply),
-        Err(CallError::Http { status, body, retry_after, request_id }) => {
+        Err(CallError::Http {
+            status,
+            body,
+            retry_after,
+            request_id,
+        }) => {
             let (error_type, error_code, message) = parse_error_body(&body);
-            let class = class_of_http(status, error_type.as_deref(), error_code.as_deref(), &message);
+            let class = class_of_http(
+                status,
+                error_type.as_deref(),
+                error_code.as_deref(),
+                &message,
+            );
             let f = Failure {
                 class,
                 http_status: Some(status),
                 error_type,
                 error_code,
-                message: if message.is_empty() { format!("HTTP {status}") } else { message },
+                message: if message.is_empty() {
+                    format!("HTTP {status}")
+                } else {
+                    message
+                },
                 request_id,
             };
             if class.is_retryable() {
@@ -131,7 +148,11 @@ pub fn classify(result: Result<ProviderReply, CallError>) -> Outcome {
             message: m,
             request_id: None,
         },
-        Err(CallError::Decode { status, message, request_id }) => Failure {
+        Err(CallError::Decode {
+            status,
+            message,
+            request_id,
+        }) => Failure {
             class: ErrorClass::Upstream,
             http_status: Some(status),
             error_type: None,
@@ -143,12 +164,21 @@ pub fn classify(result: Result<ProviderReply, CallError>) -> Outcome {
     Outcome::RetryAfter(None, failure)
 }
 
-fn class_of_http(status: u16, error_type: Option<&str>, code: Option<&str>, message: &str) -> ErrorClass {
+fn class_of_http(
+    status: u16,
+    error_type: Option<&str>,
+    code: Option<&str>,
+    message: &str,
+) -> ErrorClass {
     match status {
         429 => {
             let t = error_type.unwrap_or_default();
             let c = code.unwrap_or_default();
-            if c == "insufficient_quota" || t == "insufficient_quota" || c == "enforced_spend_limit_reached" || message.contains("spend limit") {
+            if c == "insufficient_quota"
+                || t == "insufficient_quota"
+                || c == "enforced_spend_limit_reached"
+                || message.contains("spend limit")
+            {
                 ErrorClass::QuotaExhausted
             } else if message.starts_with("Request too large") {
                 ErrorClass::RequestTooLarge
@@ -185,7 +215,12 @@ mod tests {
     use super::*;
 
     fn http(status: u16, body: &str) -> Result<ProviderReply, CallError> {
-        Err(CallError::Http { status, body: body.into(), retry_after: None, request_id: None })
+        Err(CallError::Http {
+            status,
+            body: body.into(),
+            retry_after: None,
+            request_id: None,
+        })
     }
 
     fn class(o: &Outcome) -> (Option<ErrorClass>, bool) {
@@ -199,21 +234,115 @@ mod tests {
     #[test]
     fn table() {
         let cases: &[(Result<ProviderReply, CallError>, ErrorClass, bool)] = &[
-            (http(429, r#"{"error":{"message":"Rate limit reached for gpt-4o in organization org-x on requests per min (RPM): Limit 3, Used 3, Requested 1.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#), ErrorClass::RateLimited, true),
-            (http(429, r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#), ErrorClass::QuotaExhausted, false),
-            (http(429, r#"{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"}}"#), ErrorClass::RateLimited, true),
-            (http(429, r#"{"error":{"message":"Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#), ErrorClass::RequestTooLarge, false),
-            (http(400, r#"{"error":{"message":"This model's maximum context length is 128000 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#), ErrorClass::BadRequest, false),
-            (http(401, r#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#), ErrorClass::Auth, false),
-            (http(403, r#"{"type":"error","error":{"type":"permission_error","message":"no access"}}"#), ErrorClass::Permission, false),
-            (http(404, r#"{"error":{"message":"The model `x` does not exist","type":"invalid_request_error","code":"model_not_found"}}"#), ErrorClass::BadRequest, false),
-            (http(500, "Internal Server Error"), ErrorClass::Upstream, true),
-            (http(503, r#"{"error":{"message":"The server is overloaded","type":"server_error"}}"#), ErrorClass::Upstream, true),
-            (http(529, r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#), ErrorClass::Upstream, true),
-            (Err(CallError::Connect("connection refused".into())), ErrorClass::Network, true),
-            (Err(CallError::Transport("connection reset by peer".into())), ErrorClass::Network, true),
-            (Err(CallError::Timeout("operation timed out".into())), ErrorClass::Timeout, true),
-            (Err(CallError::Decode { status: 200, message: "EOF while parsing".into(), request_id: None }), ErrorClass::Upstream, true),
+            (
+                http(
+                    429,
+                    r#"{"error":{"message":"Rate limit reached for gpt-4o in organization org-x on requests per min (RPM): Limit 3, Used 3, Requested 1.","type":"requests","param":null,"code":"rate_limit_exceeded"}}"#,
+                ),
+                ErrorClass::RateLimited,
+                true,
+            ),
+            (
+                http(
+                    429,
+                    r#"{"error":{"message":"You exceeded your current quota, please check your plan and billing details.","type":"insufficient_quota","param":null,"code":"insufficient_quota"}}"#,
+                ),
+                ErrorClass::QuotaExhausted,
+                false,
+            ),
+            (
+                http(
+                    429,
+                    r#"{"type":"error","error":{"type":"rate_limit_error","message":"Number of request tokens has exceeded your per-minute rate limit"}}"#,
+                ),
+                ErrorClass::RateLimited,
+                true,
+            ),
+            (
+                http(
+                    429,
+                    r#"{"error":{"message":"Request too large for gpt-4o on tokens per min (TPM): Limit 30000, Requested 50000.","type":"tokens","param":null,"code":"rate_limit_exceeded"}}"#,
+                ),
+                ErrorClass::RequestTooLarge,
+                false,
+            ),
+            (
+                http(
+                    400,
+                    r#"{"error":{"message":"This model's maximum context length is 128000 tokens.","type":"invalid_request_error","param":"messages","code":"context_length_exceeded"}}"#,
+                ),
+                ErrorClass::BadRequest,
+                false,
+            ),
+            (
+                http(
+                    401,
+                    r#"{"error":{"message":"Incorrect API key provided","type":"invalid_request_error","param":null,"code":"invalid_api_key"}}"#,
+                ),
+                ErrorClass::Auth,
+                false,
+            ),
+            (
+                http(
+                    403,
+                    r#"{"type":"error","error":{"type":"permission_error","message":"no access"}}"#,
+                ),
+                ErrorClass::Permission,
+                false,
+            ),
+            (
+                http(
+                    404,
+                    r#"{"error":{"message":"The model `x` does not exist","type":"invalid_request_error","code":"model_not_found"}}"#,
+                ),
+                ErrorClass::BadRequest,
+                false,
+            ),
+            (
+                http(500, "Internal Server Error"),
+                ErrorClass::Upstream,
+                true,
+            ),
+            (
+                http(
+                    503,
+                    r#"{"error":{"message":"The server is overloaded","type":"server_error"}}"#,
+                ),
+                ErrorClass::Upstream,
+                true,
+            ),
+            (
+                http(
+                    529,
+                    r#"{"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}}"#,
+                ),
+                ErrorClass::Upstream,
+                true,
+            ),
+            (
+                Err(CallError::Connect("connection refused".into())),
+                ErrorClass::Network,
+                true,
+            ),
+            (
+                Err(CallError::Transport("connection reset by peer".into())),
+                ErrorClass::Network,
+                true,
+            ),
+            (
+                Err(CallError::Timeout("operation timed out".into())),
+                ErrorClass::Timeout,
+                true,
+            ),
+            (
+                Err(CallError::Decode {
+                    status: 200,
+                    message: "EOF while parsing".into(),
+                    request_id: None,
+                }),
+                ErrorClass::Upstream,
+                true,
+            ),
         ];
         for (input, want, retry) in cases {
             let got = class(&classify(input.clone()));

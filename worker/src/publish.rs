@@ -29,14 +29,32 @@ impl Publisher {
     /// Opens a confirm-mode channel on `connection`.
     pub async fn new(connection: &Connection, topology: Topology) -> Result<Self, lapin::Error> {
         let channel = connection.create_channel().await?;
-        channel.confirm_select(ConfirmSelectOptions::default()).await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
         Ok(Self { channel, topology })
     }
 
-    async fn send(&self, exchange: &str, key: &str, body: &[u8], props: BasicProperties, mandatory: bool) -> Result<(), PublishError> {
+    async fn send(
+        &self,
+        exchange: &str,
+        key: &str,
+        body: &[u8],
+        props: BasicProperties,
+        mandatory: bool,
+    ) -> Result<(), PublishError> {
         let confirm = self
             .channel
-            .basic_publish(exchange, key, BasicPublishOptions { mandatory, ..Default::default() }, body, props)
+            .basic_publish(
+                exchange,
+                key,
+                BasicPublishOptions {
+                    mandatory,
+                    ..Default::default()
+                },
+                body,
+                props,
+            )
             .await?
             .await?;
         match confirm {
@@ -52,25 +70,51 @@ impl Publisher {
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_message_id(event.job_id.to_string().into());
-        self.send(&self.topology.events_exchange(), &event.routing_key(), &body, props, false).await
+        self.send(
+            &self.topology.events_exchange(),
+            &event.routing_key(),
+            &body,
+            props,
+            false,
+        )
+        .await
     }
 
     /// Parks a job in the delay tier of `tier_secs`; it returns to the work queue then.
-    pub async fn retry_later(&self, body: &[u8], props: BasicProperties, tier_secs: u64) -> Result<(), PublishError> {
-        self.send("", &self.topology.delay_queue(tier_secs), body, props, true).await
+    pub async fn retry_later(
+        &self,
+        body: &[u8],
+        props: BasicProperties,
+        tier_secs: u64,
+    ) -> Result<(), PublishError> {
+        self.send("", &self.topology.delay_queue(tier_secs), body, props, true)
+            .await
     }
 
     /// Puts a message on the dead-letter queue with its reason and error class.
-    pub async fn dead_letter(&self, body: &[u8], props: &BasicProperties, reason: &str, class: &str) -> Result<(), PublishError> {
+    pub async fn dead_letter(
+        &self,
+        body: &[u8],
+        props: &BasicProperties,
+        reason: &str,
+        class: &str,
+    ) -> Result<(), PublishError> {
         let mut headers = props.headers().clone().unwrap_or_default();
-        headers.insert(ShortString::from("x-llmq-reason"), AMQPValue::LongString(reason.to_owned().into()));
-        headers.insert(ShortString::from("x-llmq-error-class"), AMQPValue::LongString(class.to_owned().into()));
+        headers.insert(
+            ShortString::from("x-llmq-reason"),
+            AMQPValue::LongString(reason.to_owned().into()),
+        );
+        headers.insert(
+            ShortString::from("x-llmq-error-class"),
+            AMQPValue::LongString(class.to_owned().into()),
+        );
         headers.insert(
             ShortString::from("x-llmq-dead-lettered-at"),
             AMQPValue::LongString(chrono::Utc::now().to_rfc3339().into()),
         );
         let props = props.clone().with_headers(headers).with_delivery_mode(2);
-        self.send("", &self.topology.dead_queue(), body, props, true).await
+        self.send("", &self.topology.dead_queue(), body, props, true)
+            .await
     }
 }
 

@@ -104,7 +104,11 @@ fn env_name(field: &str) -> String {
 }
 
 fn invalid(field: &str, problem: impl Into<String>) -> SettingsError {
-    SettingsError::Invalid { field: field.to_owned(), problem: problem.into(), env: env_name(field) }
+    SettingsError::Invalid {
+        field: field.to_owned(),
+        problem: problem.into(),
+        env: env_name(field),
+    }
 }
 
 impl Settings {
@@ -128,43 +132,82 @@ impl Settings {
         Ok(settings)
     }
 
+    /// The built-in defaults only (no file, no environment); for tests and tools that
+    /// set fields themselves.
+    pub fn defaults() -> Result<Self, SettingsError> {
+        Ok(config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()?
+            .try_deserialize()?)
+    }
+
     /// Checks values the types cannot.
     pub fn validate(&self) -> Result<(), SettingsError> {
         let db = self.database_url.expose_secret();
         if !(db.starts_with("postgres://") || db.starts_with("postgresql://")) {
-            return Err(invalid("database_url", "must start with postgres:// (value hidden: it may hold a password)"));
+            return Err(invalid(
+                "database_url",
+                "must start with postgres:// (value hidden: it may hold a password)",
+            ));
         }
         let amqp = self.amqp_url.expose_secret();
         if !(amqp.starts_with("amqp://") || amqp.starts_with("amqps://")) {
-            return Err(invalid("amqp_url", "must start with amqp:// or amqps:// (value hidden: it may hold a password)"));
+            return Err(invalid(
+                "amqp_url",
+                "must start with amqp:// or amqps:// (value hidden: it may hold a password)",
+            ));
         }
         if self.queue_prefix.is_empty() || self.queue_prefix.contains(char::is_whitespace) {
-            return Err(invalid("queue_prefix", format!("`{}` must be non-empty without spaces", self.queue_prefix)));
+            return Err(invalid(
+                "queue_prefix",
+                format!("`{}` must be non-empty without spaces", self.queue_prefix),
+            ));
         }
         if self.api.bind.parse::<std::net::SocketAddr>().is_err() {
-            return Err(invalid("api.bind", format!("`{}` is not host:port, e.g. 127.0.0.1:8080", self.api.bind)));
+            return Err(invalid(
+                "api.bind",
+                format!("`{}` is not host:port, e.g. 127.0.0.1:8080", self.api.bind),
+            ));
         }
         if self.worker.concurrency == 0 {
             return Err(invalid("worker.concurrency", "must be at least 1"));
         }
         if self.worker.retry_base_ms == 0 || self.worker.retry_cap_ms < self.worker.retry_base_ms {
-            return Err(invalid("worker.retry_cap_ms", "must be at least worker.retry_base_ms, which must be > 0"));
+            return Err(invalid(
+                "worker.retry_cap_ms",
+                "must be at least worker.retry_base_ms, which must be > 0",
+            ));
         }
         if self.providers.is_empty() {
-            return Err(invalid("providers", "is empty: configure at least one provider"));
+            return Err(invalid(
+                "providers",
+                "is empty: configure at least one provider",
+            ));
         }
         if !self.providers.contains_key(&self.default_provider) {
             return Err(invalid(
                 "default_provider",
-                format!("`{}` is not a configured provider (have: {})", self.default_provider,
-                    self.providers.keys().cloned().collect::<Vec<_>>().join(", ")),
+                format!(
+                    "`{}` is not a configured provider (have: {})",
+                    self.default_provider,
+                    self.providers
+                        .keys()
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
             ));
         }
         for (name, p) in &self.providers {
             let field = format!("providers.{name}.base_url");
             match reqwest::Url::parse(&p.base_url) {
                 Ok(u) if matches!(u.scheme(), "http" | "https") && u.host().is_some() => {}
-                _ => return Err(invalid(&field, format!("`{}` is not an http(s) URL", p.base_url))),
+                _ => {
+                    return Err(invalid(
+                        &field,
+                        format!("`{}` is not an http(s) URL", p.base_url),
+                    ))
+                }
             }
             if p.api_key.expose_secret().trim().is_empty() {
                 return Err(invalid(&format!("providers.{name}.api_key"), "is empty"));
@@ -187,7 +230,10 @@ mod tests {
             .try_deserialize()
             .unwrap();
         s.validate().unwrap();
-        assert!(!format!("{s:?}").contains("sk-mock-local-key"), "secrets must not print");
+        assert!(
+            !format!("{s:?}").contains("sk-mock-local-key"),
+            "secrets must not print"
+        );
     }
 
     #[test]
@@ -200,6 +246,9 @@ mod tests {
             .unwrap();
         s.worker.concurrency = 0;
         let msg = s.validate().unwrap_err().to_string();
-        assert!(msg.contains("worker.concurrency") && msg.contains("LLMQ_WORKER__CONCURRENCY"), "{msg}");
+        assert!(
+            msg.contains("worker.concurrency") && msg.contains("LLMQ_WORKER__CONCURRENCY"),
+            "{msg}"
+        );
     }
 }

@@ -21,19 +21,28 @@ pub async fn load_state(pool: &PgPool, id: JobId) -> Result<Option<JobState>, sq
     Ok(state.and_then(|s| s.parse().ok()))
 }
 
-/// Marks the job `running` and counts the attempt; `None` when it is already terminal.
-pub async fn claim(pool: &PgPool, id: JobId) -> Result<Option<u32>, sqlx::Error> {
+/// Marks the job `running` and counts the attempt; `None` when another delivery owns it
+/// or it is terminal. A `running` job is taken over only by a *redelivered* message (the
+/// broker redelivers only after the previous holder's channel died); a second copy that is
+/// not a redelivery (a republished duplicate) leaves the running job to its holder.
+pub async fn claim(
+    pool: &PgPool,
+    id: JobId,
+    redelivered: bool,
+) -> Result<Option<u32>, sqlx::Error> {
     let attempt: Option<i32> = sqlx::query_scalar(
         "WITH j AS (
             UPDATE jobs SET state = 'running', attempts = attempts + 1,
                             started_at = coalesce(started_at, now()), updated_at = now()
-            WHERE id = $1 AND state NOT IN ('succeeded', 'failed', 'cancelled', 'expired')
+            WHERE id = $1 AND (state IN ('queued', 'waiting_budget', 'retrying')
+                               OR ($2 AND state = 'running'))
             RETURNING id, attempts)
          INSERT INTO job_transitions (job_id, state, attempt)
          SELECT id, 'running', attempts FROM j
          RETURNING attempt",
     )
     .bind(id.0)
+    .bind(redelivered)
     .fetch_optional(pool)
     .await?;
     Ok(attempt.map(|a| u32::try_from(a).unwrap_or(0)))
@@ -149,4 +158,41 @@ pub async fn record(pool: &PgPool, id: JobId, t: &Transition<'_>) -> Result<bool
     .fetch_optional(pool)
     .await?;
     Ok(changed.is_some())
+}
+
+/// Publishes jobs whose producer recorded them but died before publishing (the outbox
+/// sweep): queued, never confirmed, older than `min_age`. Rows are locked while published,
+/// so concurrent sweeps on other replicas skip them.
+pub async fn publish_orphans(
+    pool: &PgPool,
+    channel: &lapin::Channel,
+    topology: &llmq_producer_sdk::Topology,
+    min_age: std::time::Duration,
+) -> anyhow::Result<usize> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(
+        uuid::Uuid,
+        sqlx::types::Json<llmq_producer_sdk::JobEnvelope>,
+    )> = sqlx::query_as(
+        "SELECT id, envelope FROM jobs
+         WHERE published_at IS NULL AND state = 'queued'
+           AND created_at < now() - make_interval(secs => $1)
+         ORDER BY created_at LIMIT 100
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(min_age.as_secs_f64())
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut published = Vec::with_capacity(rows.len());
+    for (id, envelope) in &rows {
+        let body = envelope.0.encode();
+        llmq_producer_sdk::publish_job(channel, topology, &envelope.0, body).await?;
+        published.push(*id);
+    }
+    sqlx::query("UPDATE jobs SET published_at = now() WHERE id = ANY($1)")
+        .bind(&published)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(published.len())
 }

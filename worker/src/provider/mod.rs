@@ -72,7 +72,11 @@ pub trait Provider: Send + Sync {
     /// Endpoint path called, for evidence.
     fn endpoint(&self) -> &'static str;
     /// Makes the call.
-    fn complete<'a>(&'a self, model: &'a str, request: &'a ChatRequest) -> BoxFuture<'a, Result<ProviderReply, CallError>>;
+    fn complete<'a>(
+        &'a self,
+        model: &'a str,
+        request: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<ProviderReply, CallError>>;
 }
 
 /// Builds the adapter a provider's settings describe.
@@ -87,7 +91,11 @@ pub fn build(name: &str, settings: &ProviderSettings) -> anyhow::Result<Arc<dyn 
 
 /// `retry-after-ms` (OpenAI) or `retry-after` (seconds or an HTTP date).
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers.get("retry-after-ms").and_then(|v| v.to_str().ok()).and_then(|v| v.trim().parse::<f64>().ok()) {
+    if let Some(ms) = headers
+        .get("retry-after-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+    {
         if ms.is_finite() && ms >= 0.0 {
             return Some(Duration::from_secs_f64(ms / 1000.0));
         }
@@ -103,9 +111,12 @@ pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
 
 /// The provider's request id header.
 pub fn request_id(headers: &HeaderMap) -> Option<String> {
-    ["x-request-id", "request-id"]
-        .iter()
-        .find_map(|h| headers.get(*h).and_then(|v| v.to_str().ok()).map(str::to_owned))
+    ["x-request-id", "request-id"].iter().find_map(|h| {
+        headers
+            .get(*h)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    })
 }
 
 /// Maps a transport error without its URL (a URL may carry a key for some providers).
@@ -144,7 +155,10 @@ mod tests {
         h.insert("retry-after-ms", HeaderValue::from_static("1500"));
         assert_eq!(retry_after(&h), Some(Duration::from_millis(1500)));
         let mut h = HeaderMap::new();
-        h.insert("retry-after", HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"));
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
+        );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
     }
 }

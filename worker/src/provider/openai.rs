@@ -79,14 +79,20 @@ impl Provider for OpenAi {
         "/chat/completions"
     }
 
-    fn complete<'a>(&'a self, model: &'a str, request: &'a ChatRequest) -> BoxFuture<'a, Result<ProviderReply, CallError>> {
+    fn complete<'a>(
+        &'a self,
+        model: &'a str,
+        request: &'a ChatRequest,
+    ) -> BoxFuture<'a, Result<ProviderReply, CallError>> {
         Box::pin(async move {
-            let mut body = serde_json::to_value(request).map_err(|e| CallError::Transport(e.to_string()))?;
+            let mut body =
+                serde_json::to_value(request).map_err(|e| CallError::Transport(e.to_string()))?;
             if let Some(obj) = body.as_object_mut() {
                 obj.insert("model".into(), model.into());
             }
             let max_tokens = request.max_tokens.unwrap_or(1024);
-            let timeout = self.timeout_base + self.timeout_per_1k.mul_f64(f64::from(max_tokens) / 1000.0);
+            let timeout =
+                self.timeout_base + self.timeout_per_1k.mul_f64(f64::from(max_tokens) / 1000.0);
             let resp = self
                 .http
                 .post(&self.url)
@@ -103,20 +109,32 @@ impl Provider for OpenAi {
             if !(200..300).contains(&status) {
                 let mut body = String::from_utf8_lossy(&bytes).into_owned();
                 body.truncate(4096);
-                return Err(CallError::Http { status, body, retry_after: retry_after(&headers), request_id: rid });
+                return Err(CallError::Http {
+                    status,
+                    body,
+                    retry_after: retry_after(&headers),
+                    request_id: rid,
+                });
             }
-            let parsed: Completion = serde_json::from_slice(&bytes).map_err(|e| CallError::Decode {
-                status,
-                message: format!("response is not a chat completion: {e}"),
-                request_id: rid.clone(),
-            })?;
+            let parsed: Completion =
+                serde_json::from_slice(&bytes).map_err(|e| CallError::Decode {
+                    status,
+                    message: format!("response is not a chat completion: {e}"),
+                    request_id: rid.clone(),
+                })?;
             let Some(choice) = parsed.choices.into_iter().next() else {
-                return Err(CallError::Decode { status, message: "completion has no choices".into(), request_id: rid });
+                return Err(CallError::Decode {
+                    status,
+                    message: "completion has no choices".into(),
+                    request_id: rid,
+                });
             };
             let usage = parsed.usage.map_or(Usage::default(), |u| Usage {
                 prompt_tokens: u.prompt_tokens,
                 completion_tokens: u.completion_tokens,
-                total_tokens: u.total_tokens.unwrap_or(u.prompt_tokens + u.completion_tokens),
+                total_tokens: u
+                    .total_tokens
+                    .unwrap_or(u.prompt_tokens + u.completion_tokens),
             });
             Ok(ProviderReply {
                 content: choice.message.content.unwrap_or_default(),
