@@ -1,0 +1,158 @@
+//! # mock-provider
+//!
+//! An OpenAI- and Anthropic-compatible LLM server for llmq's tests, demo and benchmarks
+//! (there is no network here). It answers like the real APIs: same bodies, `usage`,
+//! request-id headers, error shapes. Later stages add enforced RPM/TPM limits and fault
+//! injection behind the same handlers.
+//!
+//! ## Layout
+//! - [`MockConfig`]: behaviour (latency, accepted keys).
+//! - `openai`: `POST /v1/chat/completions`.
+//! - `anthropic`: `POST /v1/messages`.
+//! - [`Stats`]: what was asked and answered, per key (`GET /_mock/stats`).
+//!
+//! Replies are deterministic so tests can assert them: the content is
+//! `"mock reply to: <last user message>"`, cut to `max_tokens` tokens.
+
+mod anthropic;
+mod openai;
+mod stats;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use tokio_util::sync::CancellationToken;
+
+pub use stats::{KeyStats, Stats};
+
+/// How the mock behaves.
+#[derive(Clone, Debug, Default)]
+pub struct MockConfig {
+    /// Added before every response.
+    pub latency: Duration,
+    /// Keys accepted; `None` accepts any non-empty key.
+    pub accept_keys: Option<Vec<String>>,
+}
+
+#[derive(Clone)]
+pub(crate) struct AppState {
+    pub config: Arc<MockConfig>,
+    pub stats: Arc<Mutex<Stats>>,
+}
+
+impl AppState {
+    pub(crate) fn key_ok(&self, key: &str) -> bool {
+        !key.is_empty()
+            && self
+                .config
+                .accept_keys
+                .as_ref()
+                .is_none_or(|keys| keys.iter().any(|k| k == key))
+    }
+}
+
+/// A running mock provider.
+pub struct MockHandle {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stats: Arc<Mutex<Stats>>,
+    shutdown: CancellationToken,
+}
+
+impl MockHandle {
+    /// `http://ADDR/v1`, the base URL a client is configured with.
+    pub fn base_url(&self) -> String {
+        format!("http://{}/v1", self.addr)
+    }
+
+    /// A snapshot of the counters.
+    pub fn stats(&self) -> Stats {
+        self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Stops serving.
+    pub fn shutdown(&self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The router, for embedding.
+fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/messages", post(anthropic::messages))
+        .route("/_mock/stats", get(get_stats))
+        .route("/_mock/reset", post(reset_stats))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
+}
+
+async fn get_stats(axum::extract::State(state): axum::extract::State<AppState>) -> Json<Stats> {
+    Json(state.stats.lock().map(|s| s.clone()).unwrap_or_default())
+}
+
+async fn reset_stats(axum::extract::State(state): axum::extract::State<AppState>) -> Json<Stats> {
+    if let Ok(mut s) = state.stats.lock() {
+        *s = Stats::default();
+    }
+    Json(Stats::default())
+}
+
+/// Binds `bind` (e.g. `127.0.0.1:0`) and serves in the background.
+pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle> {
+    let listener = tokio::net::TcpListener::bind(bind).await?;
+    let addr = listener.local_addr()?;
+    let stats = Arc::new(Mutex::new(Stats::default()));
+    let state = AppState {
+        config: Arc::new(config),
+        stats: stats.clone(),
+    };
+    let shutdown = CancellationToken::new();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, router(state))
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+    });
+    Ok(MockHandle {
+        addr,
+        stats,
+        shutdown,
+    })
+}
+
+/// Token estimate used for `usage`: about 4 characters per token, at least 1.
+pub(crate) fn tokens(text: &str) -> u64 {
+    (text.chars().count() as u64).div_ceil(4).max(1)
+}
+
+/// The deterministic reply to `last_user`, cut to `max_tokens`; true when cut.
+pub(crate) fn reply(last_user: &str, max_tokens: Option<u64>) -> (String, bool) {
+    let full = format!("mock reply to: {last_user}");
+    match max_tokens {
+        Some(max) if tokens(&full) > max => {
+            let keep = usize::try_from(max.saturating_mul(4)).unwrap_or(usize::MAX);
+            (full.chars().take(keep).collect(), true)
+        }
+        _ => (full, false),
+    }
+}
+
+/// `req_` + 32 hex characters.
+pub(crate) fn request_id() -> String {
+    format!("req_{}", uuid::Uuid::new_v4().simple())
+}
+
+/// Key shown in stats: never the whole key.
+pub(crate) fn redact(key: &str) -> String {
+    let chars: Vec<char> = key.chars().collect();
+    if chars.len() <= 8 {
+        return "***".into();
+    }
+    let head: String = chars[..3].iter().collect();
+    let tail: String = chars[chars.len() - 4..].iter().collect();
+    format!("{head}…{tail}")
+}

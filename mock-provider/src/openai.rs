@@ -1,0 +1,158 @@
+//! OpenAI `POST /v1/chat/completions`, bodies and headers as OpenAI sends them.
+
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde_json::{json, Value};
+
+use crate::{reply, request_id, tokens, AppState};
+
+fn respond(status: StatusCode, body: Value, started: std::time::Instant) -> Response {
+    let mut resp = (status, axum::Json(body)).into_response();
+    let h = resp.headers_mut();
+    if let Ok(v) = HeaderValue::from_str(&request_id()) {
+        h.insert("x-request-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {
+        h.insert("openai-processing-ms", v);
+    }
+    resp
+}
+
+fn error(
+    status: StatusCode,
+    message: &str,
+    kind: &str,
+    param: Option<&str>,
+    code: Option<&str>,
+    started: std::time::Instant,
+) -> Response {
+    respond(
+        status,
+        json!({"error": {"message": message, "type": kind, "param": param, "code": code}}),
+        started,
+    )
+}
+
+fn masked(key: &str) -> String {
+    let chars: Vec<char> = key.chars().collect();
+    if chars.len() < 8 {
+        return "***".into();
+    }
+    let head: String = chars[..5].iter().collect();
+    let tail: String = chars[chars.len() - 3..].iter().collect();
+    format!("{head}***{tail}")
+}
+
+pub(crate) async fn chat_completions(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let started = std::time::Instant::now();
+    if !state.config.latency.is_zero() {
+        tokio::time::sleep(state.config.latency).await;
+    }
+    let key = headers
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .trim()
+        .to_owned();
+    let count = |usage: Option<(u64, u64)>| {
+        if let Ok(mut s) = state.stats.lock() {
+            s.count(&key, usage);
+        }
+    };
+    if key.is_empty() {
+        count(None);
+        return error(StatusCode::UNAUTHORIZED, "You didn't provide an API key. You need to provide your API key in an Authorization header using Bearer auth (i.e. Authorization: Bearer YOUR_KEY).", "invalid_request_error", None, None, started);
+    }
+    if !state.key_ok(&key) {
+        count(None);
+        let msg = format!("Incorrect API key provided: {}. You can find your API key at https://platform.openai.com/account/api-keys.", masked(&key));
+        return error(
+            StatusCode::UNAUTHORIZED,
+            &msg,
+            "invalid_request_error",
+            None,
+            Some("invalid_api_key"),
+            started,
+        );
+    }
+    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+        count(None);
+        return error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)", "invalid_request_error", None, None, started);
+    };
+    let Some(model) = req.get("model").and_then(Value::as_str) else {
+        count(None);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "you must provide a model parameter",
+            "invalid_request_error",
+            None,
+            None,
+            started,
+        );
+    };
+    let messages = req
+        .get("messages")
+        .and_then(Value::as_array)
+        .cloned()
+        .unwrap_or_default();
+    if messages.is_empty() {
+        count(None);
+        return error(
+            StatusCode::BAD_REQUEST,
+            "[] is too short - 'messages'",
+            "invalid_request_error",
+            Some("messages"),
+            None,
+            started,
+        );
+    }
+    let mut prompt_tokens = 0;
+    let mut last_user = String::new();
+    for m in &messages {
+        let content = m.get("content").and_then(Value::as_str).unwrap_or_default();
+        prompt_tokens += tokens(content) + 4;
+        if m.get("role").and_then(Value::as_str) == Some("user") {
+            content.clone_into(&mut last_user);
+        }
+    }
+    let max_tokens = req
+        .get("max_completion_tokens")
+        .or_else(|| req.get("max_tokens"))
+        .and_then(Value::as_u64);
+    let (content, cut) = reply(&last_user, max_tokens);
+    let completion_tokens = tokens(&content);
+    count(Some((prompt_tokens, completion_tokens)));
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    respond(
+        StatusCode::OK,
+        json!({
+            "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "refusal": null},
+                "logprobs": null,
+                "finish_reason": if cut { "length" } else { "stop" }
+            }],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": prompt_tokens + completion_tokens
+            },
+            "system_fingerprint": "fp_mock"
+        }),
+        started,
+    )
+}
