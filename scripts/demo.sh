@@ -53,6 +53,8 @@ start() { # name, command…
 }
 start mock-provider target/debug/mock-provider --bind "$MOCK_BIND" --latency-ms "${MOCK_LATENCY_MS:-400}"
 start api target/debug/llmq api
+# A small concurrency per worker so the batch takes long enough to watch.
+export LLMQ_WORKER__CONCURRENCY="${LLMQ_WORKER__CONCURRENCY:-4}"
 start worker-1 target/debug/llmq worker
 start worker-2 target/debug/llmq worker
 

@@ -16,7 +16,14 @@ const PROMPTS: &[&str] = &[
     "What is exponential backoff with jitter?",
 ];
 
+/// A progress bar on a terminal; plain lines at each quarter otherwise (logs, CI).
 fn bar(len: u64, msg: &'static str) -> ProgressBar {
+    if !std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+        let pb = ProgressBar::hidden();
+        pb.set_length(len);
+        pb.set_message(msg);
+        return pb;
+    }
     let pb = ProgressBar::new(len);
     pb.set_style(
         ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} ({elapsed})")
@@ -25,6 +32,16 @@ fn bar(len: u64, msg: &'static str) -> ProgressBar {
     );
     pb.set_message(msg);
     pb
+}
+
+fn tick(pb: &ProgressBar) {
+    pb.inc(1);
+    if pb.is_hidden() {
+        let (pos, len) = (pb.position(), pb.length().unwrap_or(0));
+        if len > 0 && (pos == len || (pos * 4 / len) != ((pos - 1) * 4 / len)) {
+            eprintln!("{:>10} {pos}/{len}", pb.message());
+        }
+    }
 }
 
 /// Enqueues `jobs` sample jobs at `api` (e.g. `http://127.0.0.1:8080`) and waits for them.
@@ -60,7 +77,7 @@ pub async fn run(api: &str, jobs: usize, model: &str, timeout: Duration) -> anyh
                 if !status.is_success() {
                     anyhow::bail!("the API refused a job ({status}): {v}");
                 }
-                pb.inc(1);
+                tick(&pb);
                 Ok(v["id"].as_str().unwrap_or_default().to_owned())
             }
         })
@@ -89,7 +106,7 @@ pub async fn run(api: &str, jobs: usize, model: &str, timeout: Duration) -> anyh
                 "succeeded" | "failed" | "cancelled" | "expired"
             ) {
                 *by_state.entry(state).or_default() += 1;
-                pb.inc(1);
+                tick(&pb);
             } else {
                 still.push(id);
             }
