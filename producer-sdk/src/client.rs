@@ -81,8 +81,8 @@ pub struct Enqueued {
 #[derive(Clone)]
 pub struct Client {
     pool: PgPool,
-    channel: Channel,
-    _connection: Arc<Connection>,
+    broker: Arc<tokio::sync::RwLock<Broker>>,
+    amqp_url: Arc<str>,
     topology: Topology,
     limits: Limits,
 }
@@ -123,25 +123,37 @@ impl Client {
         if present.is_none() {
             return Err(Error::SchemaMissing("table `jobs` does not exist".into()));
         }
-        let connection = connect_amqp(&config.amqp_url, "llmq-producer").await?;
-        let channel = connection.create_channel().await?;
-        channel
-            .confirm_select(ConfirmSelectOptions::default())
-            .await?;
         let topology = Topology::new(config.queue_prefix);
-        topology.declare(&channel).await?;
+        let broker = Broker::open(&config.amqp_url, &topology).await?;
         Ok(Self {
             pool,
-            channel,
-            _connection: Arc::new(connection),
+            broker: Arc::new(tokio::sync::RwLock::new(broker)),
+            amqp_url: config.amqp_url.into(),
             topology,
             limits: config.limits,
         })
     }
 
     /// Whether the broker channel is open.
-    pub fn is_connected(&self) -> bool {
-        self.channel.status().connected()
+    pub async fn is_connected(&self) -> bool {
+        self.broker.read().await.channel.status().connected()
+    }
+
+    /// The confirm-mode channel, reopened (once, for all callers) after the broker
+    /// connection was lost, e.g. by a broker restart.
+    async fn channel(&self) -> Result<Channel> {
+        {
+            let b = self.broker.read().await;
+            if b.channel.status().connected() {
+                return Ok(b.channel.clone());
+            }
+        }
+        let mut b = self.broker.write().await;
+        if !b.channel.status().connected() {
+            tracing::warn!("broker connection lost; reconnecting");
+            *b = Broker::open(&self.amqp_url, &self.topology).await?;
+        }
+        Ok(b.channel.clone())
     }
 
     /// The limits enqueued jobs are checked against.
@@ -220,7 +232,8 @@ impl Client {
     }
 
     async fn publish(&self, envelope: &JobEnvelope, body: Vec<u8>) -> Result<()> {
-        publish_job(&self.channel, &self.topology, envelope, body).await
+        let channel = self.channel().await?;
+        publish_job(&channel, &self.topology, envelope, body).await
     }
 
     /// The job's status, whichever tenant owns it.
@@ -256,6 +269,27 @@ impl Client {
             tokio::time::sleep(pause.min(deadline - now)).await;
             pause = (pause * 2).min(Duration::from_millis(500));
         }
+    }
+}
+
+/// The producer's broker connection and its confirm-mode channel.
+struct Broker {
+    channel: Channel,
+    _connection: Connection,
+}
+
+impl Broker {
+    async fn open(url: &str, topology: &Topology) -> Result<Self> {
+        let connection = connect_amqp(url, "llmq-producer").await?;
+        let channel = connection.create_channel().await?;
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        topology.declare(&channel).await?;
+        Ok(Self {
+            channel,
+            _connection: connection,
+        })
     }
 }
 

@@ -6,7 +6,7 @@
 //!
 //! ## Layout
 //! - [`protocol`]: envelope, states, events, results (serde, versioned).
-//! - [`validate`]: the checks a job passes before anything is written.
+//! - [`mod@validate`]: the checks a job passes before anything is written.
 //! - [`topology`]: queue and exchange names shared with the worker.
 //! - [`Client`]: enqueue (durable record, then publish with confirms), status, wait.
 //!

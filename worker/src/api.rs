@@ -1,5 +1,5 @@
 //! The HTTP API: enqueue a job, read its status, health. Errors are mapped to responses in
-//! one place ([`ApiError`]), as JSON `{"error": {"code", "message"}}`.
+//! one place (`ApiError`), as JSON `{"error": {"code", "message"}}`.
 
 use std::net::SocketAddr;
 
@@ -173,7 +173,7 @@ async fn get_job(
 
 async fn healthz(State(state): State<AppState>) -> Response {
     let db = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
-    let broker = state.client.is_connected();
+    let broker = state.client.is_connected().await;
     let body = serde_json::json!({
         "status": if db && broker { "ok" } else { "degraded" },
         "postgres": db,

@@ -488,7 +488,11 @@ pub async fn run(
                 return Ok(());
             }
             Err(e) => {
-                warn!(error = %e, retry_in_ms = pause.as_millis() as u64, "broker connection lost; reconnecting");
+                warn!(
+                    error = %e,
+                    retry_in_ms = pause.as_millis() as u64,
+                    "no broker session (RabbitMQ down or unreachable? `bash scripts/services.sh` starts it locally); reconnecting"
+                );
                 tokio::select! {
                     () = shutdown.cancelled() => return Ok(()),
                     () = tokio::time::sleep(pause) => {}
