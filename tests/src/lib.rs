@@ -72,6 +72,8 @@ pub struct AppOptions {
     pub workers: usize,
     /// Worker concurrency.
     pub concurrency: u16,
+    /// Last changes to the settings before anything starts.
+    pub configure: Option<fn(&mut Settings)>,
 }
 
 impl Default for AppOptions {
@@ -81,6 +83,7 @@ impl Default for AppOptions {
             api: true,
             workers: 1,
             concurrency: 16,
+            configure: None,
         }
     }
 }
@@ -125,6 +128,9 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     if let Some(p) = settings.providers.get_mut("openai") {
         p.base_url = mock.base_url();
         p.api_key = SecretString::from("sk-test-0123456789abcdef".to_owned());
+    }
+    if let Some(configure) = opts.configure {
+        configure(&mut settings);
     }
     settings.validate().expect("valid test settings");
 
