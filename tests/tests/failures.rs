@@ -7,6 +7,16 @@ use llmq_mock_provider::MockConfig;
 use llmq_producer_sdk::{ChatMessage, JobState, NewJob};
 use llmq_tests::{spawn_app_with, AppOptions};
 
+/// attempt, outcome, error_class, failed_layer, http_status, base_url_host
+type AttemptRow = (
+    i32,
+    String,
+    Option<String>,
+    Option<String>,
+    Option<i32>,
+    String,
+);
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connection_is_network_retried_then_failed_with_evidence() {
     let app = spawn_app_with(AppOptions {
@@ -35,7 +45,7 @@ async fn refused_connection_is_network_retried_then_failed_with_evidence() {
     );
     assert_eq!(s.attempts, 2);
 
-    let rows: Vec<(i32, String, Option<String>, Option<String>, Option<i32>, String)> = sqlx::query_as(
+    let rows: Vec<AttemptRow> = sqlx::query_as(
         "SELECT attempt, outcome, error_class, failed_layer, http_status, base_url_host FROM job_attempts WHERE job_id = $1 ORDER BY attempt",
     )
     .bind(id.0)
