@@ -6,7 +6,75 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::limits::{Decision, Dim, KeyBuckets};
 use crate::{reply, request_id, tokens, AppState};
+
+/// `anthropic-ratelimit-*` headers (resets as RFC 3339 instants).
+fn ratelimit_headers(h: &mut HeaderMap, b: &KeyBuckets) {
+    let now = chrono_like_now();
+    for (name, bucket) in [
+        ("requests", &b.requests),
+        ("input-tokens", &b.input),
+        ("output-tokens", &b.output),
+    ] {
+        let Some(bucket) = bucket else { continue };
+        let reset = rfc3339(now + bucket.reset_in());
+        let pairs = [
+            (
+                format!("anthropic-ratelimit-{name}-limit"),
+                bucket.limit.to_string(),
+            ),
+            (
+                format!("anthropic-ratelimit-{name}-remaining"),
+                bucket.remaining().to_string(),
+            ),
+            (format!("anthropic-ratelimit-{name}-reset"), reset),
+        ];
+        for (k, v) in pairs {
+            if let (Ok(k), Ok(v)) = (
+                axum::http::HeaderName::try_from(k),
+                HeaderValue::from_str(&v),
+            ) {
+                h.insert(k, v);
+            }
+        }
+    }
+}
+
+fn chrono_like_now() -> std::time::SystemTime {
+    std::time::SystemTime::now()
+}
+
+/// RFC 3339 UTC with second precision, e.g. `2026-11-22T23:15:04Z`.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(i64::try_from(days).unwrap_or(0));
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        (rem % 3600) / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian (H. Hinnant's algorithm).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
 
 fn respond(status: StatusCode, body: Value, rid: &str) -> Response {
     let mut resp = (status, axum::Json(body)).into_response();
@@ -30,9 +98,6 @@ pub(crate) async fn messages(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    if !state.config.latency.is_zero() {
-        tokio::time::sleep(state.config.latency).await;
-    }
     let key = headers
         .get("x-api-key")
         .and_then(|v| v.to_str().ok())
@@ -122,11 +187,68 @@ pub(crate) async fn messages(
             last_user = content;
         }
     }
+    let mut limit_headers = HeaderMap::new();
+    let decision = match state.limiter.lock() {
+        Ok(mut l)
+            if l.limits.rpm.is_some()
+                || l.limits.input_tpm.is_some()
+                || l.limits.output_tpm.is_some() =>
+        {
+            let d = l.admit(&key, 0, input_tokens, max_tokens);
+            if let Some(b) = l.buckets(&key) {
+                ratelimit_headers(&mut limit_headers, b);
+            }
+            d
+        }
+        _ => Decision::Admitted,
+    };
+    match decision {
+        Decision::Admitted => {}
+        Decision::TooLarge { dim, requested } => {
+            count(None);
+            let mut r = error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request_error",
+                &format!(
+                    "prompt is too long: {requested} tokens > the {} limit",
+                    dim_name(dim)
+                ),
+            );
+            r.headers_mut().extend(limit_headers);
+            return r;
+        }
+        Decision::Limited { dim, wait, .. } => {
+            if let Ok(mut s) = state.stats.lock() {
+                s.count_limited(&key);
+            }
+            let limit = state
+                .limiter
+                .lock()
+                .ok()
+                .and_then(|l| match dim {
+                    Dim::Requests => l.limits.rpm,
+                    Dim::Input => l.limits.input_tpm,
+                    _ => l.limits.output_tpm,
+                })
+                .unwrap_or(0);
+            let msg = format!("This request would exceed the rate limit for your organization (org-mock) of {limit} {} per minute. For details, refer to: https://docs.claude.com/en/api/rate-limits. You can see the response headers for current usage. Please reduce the prompt length or the maximum tokens requested, or try again later.", dim_name(dim));
+            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", &msg);
+            r.headers_mut().extend(limit_headers);
+            if let Ok(v) = HeaderValue::from_str(&wait.as_secs_f64().ceil().max(1.0).to_string()) {
+                r.headers_mut().insert("retry-after", v);
+            }
+            return r;
+        }
+    }
+    state.log_admitted(input_tokens + max_tokens);
+    if !state.config.latency.is_zero() {
+        tokio::time::sleep(state.config.latency).await;
+    }
     let (content, cut) = reply(&last_user, Some(max_tokens));
     let output_tokens = tokens(&content);
     count(Some((input_tokens, output_tokens)));
     let rid = request_id();
-    respond(
+    let mut ok = respond(
         StatusCode::OK,
         json!({
             "id": format!("msg_{}", uuid::Uuid::new_v4().simple()),
@@ -139,5 +261,15 @@ pub(crate) async fn messages(
             "usage": {"input_tokens": input_tokens, "output_tokens": output_tokens}
         }),
         &rid,
-    )
+    );
+    ok.headers_mut().extend(limit_headers);
+    ok
+}
+
+fn dim_name(dim: Dim) -> &'static str {
+    match dim {
+        Dim::Requests => "requests",
+        Dim::Input | Dim::Tokens => "input tokens",
+        Dim::Output => "output tokens",
+    }
 }

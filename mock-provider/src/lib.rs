@@ -15,6 +15,7 @@
 //! `"mock reply to: <last user message>"`, cut to `max_tokens` tokens.
 
 mod anthropic;
+mod limits;
 mod openai;
 mod stats;
 
@@ -26,6 +27,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
+pub use limits::Limits;
 pub use stats::{KeyStats, Stats};
 
 /// How the mock behaves.
@@ -35,15 +37,37 @@ pub struct MockConfig {
     pub latency: Duration,
     /// Keys accepted; `None` accepts any non-empty key.
     pub accept_keys: Option<Vec<String>>,
+    /// Rate limits enforced per key; `None` enforces none.
+    pub limits: Option<Limits>,
+}
+
+/// One admitted completion, for the fidelity benchmark: milliseconds since the mock
+/// started and the tokens charged.
+#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+pub struct Admitted {
+    /// When, in ms since start.
+    pub at_ms: u64,
+    /// Tokens charged at admission.
+    pub tokens: u64,
 }
 
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub config: Arc<MockConfig>,
     pub stats: Arc<Mutex<Stats>>,
+    pub limiter: Arc<Mutex<limits::Limiter>>,
+    pub admitted: Arc<Mutex<Vec<Admitted>>>,
+    pub started: std::time::Instant,
 }
 
 impl AppState {
+    pub(crate) fn log_admitted(&self, tokens: u64) {
+        let at_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
+        if let Ok(mut log) = self.admitted.lock() {
+            log.push(Admitted { at_ms, tokens });
+        }
+    }
+
     pub(crate) fn key_ok(&self, key: &str) -> bool {
         !key.is_empty()
             && self
@@ -59,6 +83,7 @@ pub struct MockHandle {
     /// Where it listens.
     pub addr: SocketAddr,
     stats: Arc<Mutex<Stats>>,
+    admitted: Arc<Mutex<Vec<Admitted>>>,
     shutdown: CancellationToken,
 }
 
@@ -71,6 +96,11 @@ impl MockHandle {
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Every admitted completion so far.
+    pub fn admitted(&self) -> Vec<Admitted> {
+        self.admitted.lock().map(|a| a.clone()).unwrap_or_default()
     }
 
     /// Stops serving.
@@ -86,6 +116,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/messages", post(anthropic::messages))
         .route("/_mock/stats", get(get_stats))
         .route("/_mock/reset", post(reset_stats))
+        .route("/_mock/admitted", get(get_admitted))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
 }
@@ -94,9 +125,18 @@ async fn get_stats(axum::extract::State(state): axum::extract::State<AppState>) 
     Json(state.stats.lock().map(|s| s.clone()).unwrap_or_default())
 }
 
+async fn get_admitted(
+    axum::extract::State(state): axum::extract::State<AppState>,
+) -> Json<Vec<Admitted>> {
+    Json(state.admitted.lock().map(|a| a.clone()).unwrap_or_default())
+}
+
 async fn reset_stats(axum::extract::State(state): axum::extract::State<AppState>) -> Json<Stats> {
     if let Ok(mut s) = state.stats.lock() {
         *s = Stats::default();
+    }
+    if let Ok(mut a) = state.admitted.lock() {
+        a.clear();
     }
     Json(Stats::default())
 }
@@ -106,9 +146,16 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
     let listener = tokio::net::TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
     let stats = Arc::new(Mutex::new(Stats::default()));
+    let admitted = Arc::new(Mutex::new(Vec::new()));
+    let limiter = Arc::new(Mutex::new(limits::Limiter::new(
+        config.limits.clone().unwrap_or_default(),
+    )));
     let state = AppState {
         config: Arc::new(config),
         stats: stats.clone(),
+        limiter,
+        admitted: admitted.clone(),
+        started: std::time::Instant::now(),
     };
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -120,6 +167,7 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
     Ok(MockHandle {
         addr,
         stats,
+        admitted,
         shutdown,
     })
 }

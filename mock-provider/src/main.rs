@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use llmq_mock_provider::{spawn, MockConfig};
+use llmq_mock_provider::{spawn, Limits, MockConfig};
 
 /// OpenAI- and Anthropic-compatible mock LLM provider.
 #[derive(Parser)]
@@ -18,6 +18,24 @@ struct Cli {
     /// Accept only these API keys (repeatable); any non-empty key otherwise.
     #[arg(long = "accept-key")]
     accept_keys: Vec<String>,
+    /// Enforce this many requests per minute per key.
+    #[arg(long, env = "MOCK_RPM")]
+    rpm: Option<u64>,
+    /// Enforce this many tokens per minute per key (OpenAI: prompt + max_tokens).
+    #[arg(long, env = "MOCK_TPM")]
+    tpm: Option<u64>,
+    /// Anthropic input tokens per minute per key.
+    #[arg(long, env = "MOCK_INPUT_TPM")]
+    input_tpm: Option<u64>,
+    /// Anthropic output tokens per minute per key.
+    #[arg(long, env = "MOCK_OUTPUT_TPM")]
+    output_tpm: Option<u64>,
+    /// Enforce requests per second (RPM/60 per second), as providers may.
+    #[arg(long, env = "MOCK_PER_SECOND")]
+    per_second: bool,
+    /// Token buckets hold this many seconds' worth (default 60).
+    #[arg(long, env = "MOCK_TOKEN_BURST_SECS")]
+    token_burst_secs: Option<f64>,
 }
 
 #[tokio::main]
@@ -32,6 +50,18 @@ async fn main() -> anyhow::Result<()> {
     let config = MockConfig {
         latency: Duration::from_millis(cli.latency_ms),
         accept_keys: (!cli.accept_keys.is_empty()).then_some(cli.accept_keys),
+        limits: (cli.rpm.is_some()
+            || cli.tpm.is_some()
+            || cli.input_tpm.is_some()
+            || cli.output_tpm.is_some())
+        .then_some(Limits {
+            rpm: cli.rpm,
+            tpm: cli.tpm,
+            input_tpm: cli.input_tpm,
+            output_tpm: cli.output_tpm,
+            per_second: cli.per_second,
+            token_burst_secs: cli.token_burst_secs,
+        }),
     };
     let handle = spawn(&cli.bind, config).await?;
     tracing::info!(addr = %handle.addr, "mock provider listening");

@@ -6,7 +6,39 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::limits::{openai_duration, Decision, Dim, KeyBuckets};
 use crate::{reply, request_id, tokens, AppState};
+
+/// `x-ratelimit-*` headers as OpenAI sends them on every response.
+fn ratelimit_headers(resp: &mut Response, buckets: Option<&KeyBuckets>) {
+    let Some(b) = buckets else { return };
+    let h = resp.headers_mut();
+    for (name, bucket) in [("requests", &b.requests), ("tokens", &b.tokens)] {
+        let Some(bucket) = bucket else { continue };
+        let pairs = [
+            (
+                format!("x-ratelimit-limit-{name}"),
+                bucket.limit.to_string(),
+            ),
+            (
+                format!("x-ratelimit-remaining-{name}"),
+                bucket.remaining().to_string(),
+            ),
+            (
+                format!("x-ratelimit-reset-{name}"),
+                openai_duration(bucket.reset_in()),
+            ),
+        ];
+        for (k, v) in pairs {
+            if let (Ok(k), Ok(v)) = (
+                axum::http::HeaderName::try_from(k),
+                HeaderValue::from_str(&v),
+            ) {
+                h.insert(k, v);
+            }
+        }
+    }
+}
 
 fn respond(status: StatusCode, body: Value, started: std::time::Instant) -> Response {
     let mut resp = (status, axum::Json(body)).into_response();
@@ -51,9 +83,6 @@ pub(crate) async fn chat_completions(
     body: Bytes,
 ) -> Response {
     let started = std::time::Instant::now();
-    if !state.config.latency.is_zero() {
-        tokio::time::sleep(state.config.latency).await;
-    }
     let key = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -126,6 +155,81 @@ pub(crate) async fn chat_completions(
         .get("max_completion_tokens")
         .or_else(|| req.get("max_tokens"))
         .and_then(Value::as_u64);
+    // Admission: the prompt plus max_tokens, charged up front as OpenAI does.
+    let charged = prompt_tokens + max_tokens.unwrap_or(0);
+    let (decision, mut limit_headers) = match state.limiter.lock() {
+        Ok(mut l) if l.limits.rpm.is_some() || l.limits.tpm.is_some() => {
+            let d = l.admit(&key, charged, 0, 0);
+            let mut probe = Response::new(axum::body::Body::empty());
+            ratelimit_headers(&mut probe, l.buckets(&key));
+            (d, Some(probe.headers().clone()))
+        }
+        _ => (Decision::Admitted, None),
+    };
+    match decision {
+        Decision::Admitted => {}
+        Decision::TooLarge { dim, requested } => {
+            count(None);
+            let (what, limit) = dim_words(&state, dim);
+            let msg = format!("Request too large for {model} in organization org-mock on {what}: Limit {limit}, Requested {requested}. The input or output tokens must be reduced in order to run successfully. Visit https://platform.openai.com/account/rate-limits to learn more.");
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &msg,
+                "tokens",
+                None,
+                Some("rate_limit_exceeded"),
+                started,
+            );
+            extend(&mut r, limit_headers.take());
+            return r;
+        }
+        Decision::Limited {
+            dim,
+            wait,
+            requested,
+        } => {
+            if let Ok(mut s) = state.stats.lock() {
+                s.count_limited(&key);
+            }
+            let (what, limit) = dim_words(&state, dim);
+            let used = state.limiter.lock().ok().and_then(|l| {
+                l.buckets(&key).and_then(|b| match dim {
+                    Dim::Requests => b.requests.as_ref().map(|x| x.used()),
+                    _ => b.tokens.as_ref().map(|x| x.used()),
+                })
+            });
+            let kind = if dim == Dim::Requests {
+                "requests"
+            } else {
+                "tokens"
+            };
+            let msg = format!(
+                "Rate limit reached for {model} in organization org-mock on {what}: Limit {limit}, Used {}, Requested {requested}. Please try again in {}. Visit https://platform.openai.com/account/rate-limits to learn more.",
+                used.unwrap_or(limit), openai_duration(wait)
+            );
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                &msg,
+                kind,
+                None,
+                Some("rate_limit_exceeded"),
+                started,
+            );
+            extend(&mut r, limit_headers.take());
+            let h = r.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&wait.as_secs_f64().ceil().max(1.0).to_string()) {
+                h.insert("retry-after", v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&wait.as_millis().max(1).to_string()) {
+                h.insert("retry-after-ms", v);
+            }
+            return r;
+        }
+    }
+    state.log_admitted(charged);
+    if !state.config.latency.is_zero() {
+        tokio::time::sleep(state.config.latency).await;
+    }
     let (content, cut) = reply(&last_user, max_tokens);
     let completion_tokens = tokens(&content);
     count(Some((prompt_tokens, completion_tokens)));
@@ -133,7 +237,7 @@ pub(crate) async fn chat_completions(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
-    respond(
+    let mut ok = respond(
         StatusCode::OK,
         json!({
             "id": format!("chatcmpl-{}", uuid::Uuid::new_v4().simple()),
@@ -154,5 +258,26 @@ pub(crate) async fn chat_completions(
             "system_fingerprint": "fp_mock"
         }),
         started,
-    )
+    );
+    extend(&mut ok, limit_headers);
+    ok
+}
+
+fn extend(resp: &mut Response, headers: Option<HeaderMap>) {
+    if let Some(h) = headers {
+        resp.headers_mut().extend(h);
+    }
+}
+
+fn dim_words(state: &AppState, dim: Dim) -> (&'static str, u64) {
+    let l = state
+        .limiter
+        .lock()
+        .map(|l| l.limits.clone())
+        .unwrap_or_default();
+    match dim {
+        Dim::Requests if l.per_second => ("requests per min (RPM)", l.rpm.unwrap_or(0)),
+        Dim::Requests => ("requests per min (RPM)", l.rpm.unwrap_or(0)),
+        _ => ("tokens per min (TPM)", l.tpm.unwrap_or(0)),
+    }
 }

@@ -9,8 +9,10 @@ pub struct Stats {
     pub requests_total: u64,
     /// Answered with a completion.
     pub succeeded: u64,
-    /// Answered with an error.
+    /// Answered with an error (of which `rate_limited` were 429 rate limits).
     pub rejected: u64,
+    /// Answered 429 because a rate limit had no room.
+    pub rate_limited: u64,
     /// Per key (redacted: first 3 and last 4 characters).
     pub by_key: BTreeMap<String, KeyStats>,
 }
@@ -24,6 +26,8 @@ pub struct KeyStats {
     pub succeeded: u64,
     /// Errors.
     pub rejected: u64,
+    /// 429 rate limits.
+    pub rate_limited: u64,
     /// Prompt tokens billed.
     pub prompt_tokens: u64,
     /// Completion tokens billed.
@@ -31,6 +35,15 @@ pub struct KeyStats {
 }
 
 impl Stats {
+    /// Counts one 429 rate-limit answer for `key`.
+    pub(crate) fn count_limited(&mut self, key: &str) {
+        self.count(key, None);
+        self.rate_limited += 1;
+        if let Some(k) = self.by_key.get_mut(&crate::redact(key)) {
+            k.rate_limited += 1;
+        }
+    }
+
     /// Counts one answer for `key`: `Some((prompt, completion))` on success.
     pub(crate) fn count(&mut self, key: &str, usage: Option<(u64, u64)>) {
         self.requests_total += 1;
