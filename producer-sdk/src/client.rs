@@ -315,7 +315,7 @@ pub async fn fetch_status(
 ) -> Result<Option<JobStatus>> {
     let row = sqlx::query(
         "SELECT id, tenant, state, model, attempts, max_attempts, created_at, updated_at,
-                finished_at, result, error_class, error_message, envelope->'metadata' AS metadata
+                finished_at, expected_start_at, result, error_class, error_message, envelope->'metadata' AS metadata
          FROM jobs WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
     )
     .bind(id.0)
@@ -344,6 +344,11 @@ pub async fn fetch_status(
         created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
         updated_at: row.try_get::<DateTime<Utc>, _>("updated_at")?,
         finished_at: row.try_get("finished_at")?,
+        expected_start_at: if state == JobState::WaitingBudget {
+            row.try_get("expected_start_at")?
+        } else {
+            None
+        },
         result: result.map(|j| j.0),
         last_error: error_class.map(|class| ErrorSummary {
             class,

@@ -375,6 +375,9 @@ pub struct JobStatus {
     /// When the terminal state was reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<DateTime<Utc>>,
+    /// While `waiting_budget`: when its rate-limit slot starts.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected_start_at: Option<DateTime<Utc>>,
     /// The result, once succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<CompletionResult>,

@@ -27,6 +27,11 @@ pub fn admin_database_url() -> String {
         .unwrap_or_else(|_| "postgres://postgres:postgres@127.0.0.1:5432/postgres".into())
 }
 
+/// Redis used by the tests.
+pub fn redis_url() -> String {
+    std::env::var("LLMQ_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
 /// Broker used by the tests.
 pub fn amqp_url() -> String {
     std::env::var("LLMQ_TEST_AMQP_URL")
@@ -120,6 +125,8 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
     settings.database_url = SecretString::from(database_url.clone());
     settings.amqp_url = SecretString::from(amqp_url());
     settings.queue_prefix.clone_from(&prefix);
+    settings.admission.namespace.clone_from(&prefix);
+    settings.redis_url = SecretString::from(redis_url());
     settings.api.bind = "127.0.0.1:0".into();
     settings.worker.concurrency = opts.concurrency;
     settings.worker.shutdown_grace_secs = 10;
@@ -318,6 +325,8 @@ impl TestApp {
             ("LLMQ_DATABASE_URL".into(), self.database_url.clone()),
             ("LLMQ_AMQP_URL".into(), amqp_url()),
             ("LLMQ_QUEUE_PREFIX".into(), self.prefix.clone()),
+            ("LLMQ_ADMISSION__NAMESPACE".into(), self.prefix.clone()),
+            ("LLMQ_REDIS_URL".into(), redis_url()),
             (
                 "LLMQ_WORKER__CONCURRENCY".into(),
                 self.settings.worker.concurrency.to_string(),

@@ -33,8 +33,9 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
+use crate::admission::{self, Admission, Admit};
 use crate::outcome::{classify, ErrorClass, Failure, Outcome};
-use crate::provider::{self, Provider};
+use crate::provider::{self, CallError, Provider};
 use crate::publish::{with_header, Publisher};
 use crate::retry;
 use crate::settings::Settings;
@@ -61,6 +62,8 @@ pub enum Processed {
     Expired,
     /// A redelivery of a finished job: acked, no provider call.
     AlreadyFinished,
+    /// Its budget slot was too far away: back to the queue through a delay queue.
+    Deferred,
     /// A second copy of a job another delivery is running: acked, no provider call.
     Duplicate,
     /// Not a job this worker can run: dead-lettered with the reason.
@@ -82,6 +85,7 @@ pub struct Worker {
     retry_cap: Duration,
     /// Cancelled when the drain deadline passes: store retries give up and hand back.
     hard_stop: CancellationToken,
+    admission: Arc<Admission>,
 }
 
 impl Worker {
@@ -115,6 +119,11 @@ impl Worker {
                 ack(&delivery).await;
                 return Processed::AlreadyFinished;
             }
+            Some(JobState::Running) if !delivery.redelivered => {
+                info!("another delivery is running this job; acking this copy");
+                ack(&delivery).await;
+                return Processed::Duplicate;
+            }
             Some(_) => {}
         }
 
@@ -139,19 +148,6 @@ impl Worker {
             return Processed::Expired;
         }
 
-        let redelivered = delivery.redelivered;
-        let Some(claimed) = self
-            .durably("claim job", || store::claim(&self.pool, id, redelivered))
-            .await
-        else {
-            return Processed::HandedBack;
-        };
-        let Some(attempt) = claimed else {
-            info!("another delivery owns this job, or it just finished; acking this copy");
-            ack(&delivery).await;
-            return Processed::Duplicate;
-        };
-
         let provider_name = env
             .route
             .provider
@@ -173,13 +169,141 @@ impl Worker {
                 ),
                 request_id: None,
             };
-            return self.fail(delivery, &env, attempt, failure, None).await;
+            return self.claim_and_fail(delivery, &env, failure).await;
+        };
+
+        // Budget: reserve (1 request, estimated tokens) of this route's limits, wait for
+        // the slot, and make sure no fleet pause began meanwhile.
+        let scope = self.admission.scope(&provider_name, &env.route.model);
+        let mut reservation = None;
+        if let Some(scope) = &scope {
+            let prompt =
+                admission::prompt_tokens(provider.kind(), &env.route.model, &env.request.messages);
+            let amounts = scope.demand(prompt, u64::from(env.request.max_tokens.unwrap_or(0)));
+            loop {
+                match self.admission.acquire(scope, amounts.clone()).await {
+                    Admit::TooLarge {
+                        dim,
+                        amount,
+                        capacity,
+                    } => {
+                        let failure = Failure {
+                            class: ErrorClass::RequestTooLarge,
+                            http_status: None,
+                            error_type: None,
+                            error_code: Some("exceeds_rate_limit".into()),
+                            message: format!(
+                                "the job needs {amount} {dim} but the limit of {} holds at most {capacity}: it can never run under this limit; shorten the prompt or lower max_tokens",
+                                scope.label
+                            ),
+                            request_id: None,
+                        };
+                        return self.claim_and_fail(delivery, &env, failure).await;
+                    }
+                    Admit::TooBusy { wait } => {
+                        info!(
+                            wait_s = wait.as_secs(),
+                            "budget slot too far away; back to the queue uncharged"
+                        );
+                        let tier = Topology::delay_tier(wait.min(Duration::from_secs(60)));
+                        match self
+                            .publisher
+                            .retry_later(&delivery.data, delivery.properties.clone(), tier)
+                            .await
+                        {
+                            Ok(()) => ack(&delivery).await,
+                            Err(_) => nack(&delivery, true).await,
+                        }
+                        return Processed::Deferred;
+                    }
+                    Admit::Go {
+                        wait,
+                        reservation: r,
+                    } => {
+                        if wait > Duration::from_millis(50) {
+                            let start = Utc::now()
+                                + chrono::Duration::milliseconds(
+                                    i64::try_from(wait.as_millis()).unwrap_or(i64::MAX),
+                                );
+                            if self
+                                .durably("record budget wait", || {
+                                    store::mark_waiting(&self.pool, id, start)
+                                })
+                                .await
+                                .is_none()
+                            {
+                                self.admission
+                                    .settle(id, 0, &r, &vec![0; r.amounts.len()], &[])
+                                    .await;
+                                return Processed::HandedBack;
+                            }
+                            tokio::select! {
+                                () = self.hard_stop.cancelled() => {
+                                    self.admission.settle(id, 0, &r, &vec![0; r.amounts.len()], &[]).await;
+                                    return Processed::HandedBack;
+                                }
+                                () = tokio::time::sleep(wait) => {}
+                            }
+                            let paused = self.admission.pause_left(scope).await;
+                            if !paused.is_zero() {
+                                // A 429 paused the fleet while we waited: this slot is void.
+                                self.admission
+                                    .settle(id, 0, &r, &vec![0; r.amounts.len()], &[])
+                                    .await;
+                                tokio::time::sleep(paused).await;
+                                continue;
+                            }
+                        }
+                        reservation = Some(r);
+                        break;
+                    }
+                }
+            }
+        }
+
+        let redelivered = delivery.redelivered;
+        let Some(claimed) = self
+            .durably("claim job", || store::claim(&self.pool, id, redelivered))
+            .await
+        else {
+            return Processed::HandedBack;
+        };
+        let Some(attempt) = claimed else {
+            if let Some(r) = &reservation {
+                self.admission
+                    .settle(id, 0, r, &vec![0; r.amounts.len()], &[])
+                    .await;
+            }
+            info!("another delivery owns this job, or it just finished; acking this copy");
+            ack(&delivery).await;
+            return Processed::Duplicate;
         };
 
         let started_at = Utc::now();
         let clock = Instant::now();
         let result = provider.complete(&env.route.model, &env.request).await;
         let latency_ms = u32::try_from(clock.elapsed().as_millis()).unwrap_or(u32::MAX);
+        if let Some(r) = &reservation {
+            let n = r.amounts.len();
+            let (actual, remaining): (Vec<u64>, Vec<Option<u64>>) = match &result {
+                Ok(reply) => (
+                    r.scope.actual(&reply.usage),
+                    r.scope
+                        .dims
+                        .iter()
+                        .map(|d| reply.remaining.for_dim(d.name))
+                        .collect(),
+                ),
+                // Never reached the provider, or refused by its limiter: give it back.
+                Err(CallError::Connect(_)) | Err(CallError::Http { status: 429, .. }) => {
+                    (vec![0; n], Vec::new())
+                }
+                Err(_) => (r.amounts.clone(), Vec::new()),
+            };
+            self.admission
+                .settle(id, attempt, r, &actual, &remaining)
+                .await;
+        }
         let mut evidence = AttemptRecord {
             attempt,
             started_at,
@@ -240,69 +364,119 @@ impl Worker {
                 ack(&delivery).await;
                 Processed::Succeeded
             }
+            Outcome::RetryAfter(after, failure)
+                if failure.class == ErrorClass::RateLimited
+                    && scope.is_some()
+                    && attempt < env.max_attempts =>
+            {
+                if let Some(scope) = &scope {
+                    self.admission
+                        .pause(scope, after.unwrap_or(Duration::from_secs(1)))
+                        .await;
+                }
+                self.retry(delivery, &env, attempt, after, failure, evidence)
+                    .await
+            }
             Outcome::RetryAfter(after, failure) if attempt < env.max_attempts => {
-                fill_failure(&mut evidence, &failure, "retry");
-                let wait = retry::delay(attempt, after, self.retry_base, self.retry_cap);
-                let tier = Topology::delay_tier(wait);
-                let next_at =
-                    Utc::now() + chrono::Duration::seconds(i64::try_from(tier).unwrap_or(0));
-                let t = Transition {
-                    state: JobState::Retrying,
-                    attempt,
-                    result: None,
-                    error: Some((failure.class.as_str(), &failure.message)),
-                    evidence: Some(&evidence),
-                    detail: Some(
-                        serde_json::json!({ "next_attempt_at": next_at, "error_class": failure.class.as_str() }),
-                    ),
-                };
-                if self
-                    .durably("record retry", || store::record(&self.pool, id, &t))
+                self.retry(delivery, &env, attempt, after, failure, evidence)
                     .await
-                    .is_none()
-                {
-                    return Processed::HandedBack;
-                }
-                warn!(
-                    attempt,
-                    class = failure.class.as_str(),
-                    delay_s = tier,
-                    "attempt failed; retrying later"
-                );
-                let props = with_header(
-                    &delivery.properties,
-                    "x-llmq-attempt",
-                    AMQPValue::LongUInt(attempt),
-                );
-                match self
-                    .publisher
-                    .retry_later(&delivery.data, props, tier)
-                    .await
-                {
-                    Ok(()) => ack(&delivery).await,
-                    Err(e) => {
-                        warn!(error = %e, "could not park the retry; requeueing the message instead");
-                        nack(&delivery, true).await;
-                    }
-                }
-                self.emit(
-                    &env,
-                    JobState::Retrying,
-                    attempt,
-                    None,
-                    Some((failure.class.as_str(), &failure.message)),
-                )
-                .await;
-                Processed::Retrying {
-                    class: failure.class.as_str(),
-                    delay_secs: tier,
-                }
             }
             Outcome::RetryAfter(_, failure) | Outcome::Fatal(failure) => {
                 self.fail(delivery, &env, attempt, failure, Some(evidence))
                     .await
             }
         }
+    }
+
+    async fn retry(
+        &self,
+        delivery: Delivery,
+        env: &JobEnvelope,
+        attempt: u32,
+        after: Option<Duration>,
+        failure: Failure,
+        mut evidence: AttemptRecord,
+    ) -> Processed {
+        let id = env.id;
+        {
+            fill_failure(&mut evidence, &failure, "retry");
+            let wait = retry::delay(attempt, after, self.retry_base, self.retry_cap);
+            let tier = Topology::delay_tier(wait);
+            let next_at = Utc::now() + chrono::Duration::seconds(i64::try_from(tier).unwrap_or(0));
+            let t = Transition {
+                state: JobState::Retrying,
+                attempt,
+                result: None,
+                error: Some((failure.class.as_str(), &failure.message)),
+                evidence: Some(&evidence),
+                detail: Some(
+                    serde_json::json!({ "next_attempt_at": next_at, "error_class": failure.class.as_str() }),
+                ),
+            };
+            if self
+                .durably("record retry", || store::record(&self.pool, id, &t))
+                .await
+                .is_none()
+            {
+                return Processed::HandedBack;
+            }
+            warn!(
+                attempt,
+                class = failure.class.as_str(),
+                delay_s = tier,
+                "attempt failed; retrying later"
+            );
+            let props = with_header(
+                &delivery.properties,
+                "x-llmq-attempt",
+                AMQPValue::LongUInt(attempt),
+            );
+            match self
+                .publisher
+                .retry_later(&delivery.data, props, tier)
+                .await
+            {
+                Ok(()) => ack(&delivery).await,
+                Err(e) => {
+                    warn!(error = %e, "could not park the retry; requeueing the message instead");
+                    nack(&delivery, true).await;
+                }
+            }
+            self.emit(
+                env,
+                JobState::Retrying,
+                attempt,
+                None,
+                Some((failure.class.as_str(), &failure.message)),
+            )
+            .await;
+            Processed::Retrying {
+                class: failure.class.as_str(),
+                delay_secs: tier,
+            }
+        }
+    }
+
+    /// Counts an attempt for a job that fails before any provider call, then fails it.
+    async fn claim_and_fail(
+        &self,
+        delivery: Delivery,
+        env: &JobEnvelope,
+        failure: Failure,
+    ) -> Processed {
+        let id = env.id;
+        let redelivered = delivery.redelivered;
+        let Some(claimed) = self
+            .durably("claim job", || store::claim(&self.pool, id, redelivered))
+            .await
+        else {
+            return Processed::HandedBack;
+        };
+        let Some(attempt) = claimed else {
+            ack(&delivery).await;
+            return Processed::Duplicate;
+        };
+        self.fail(delivery, env, attempt, failure, None).await
     }
 
     async fn fail(
@@ -479,9 +653,24 @@ pub async fn run(
         providers.insert(name.clone(), provider::build(name, p)?);
     }
     let providers = Arc::new(providers);
+    let admission = Arc::new(Admission::new(&settings)?);
+    tokio::spawn(admission.clone().heartbeat(shutdown.child_token()));
+    tokio::spawn(reload_on_sighup(
+        settings.source.clone(),
+        admission.clone(),
+        shutdown.child_token(),
+    ));
     let mut pause = Duration::from_millis(500);
     loop {
-        match consume_session(&settings, &pool, providers.clone(), &shutdown).await {
+        match consume_session(
+            &settings,
+            &pool,
+            providers.clone(),
+            admission.clone(),
+            &shutdown,
+        )
+        .await
+        {
             Ok(()) => return Ok(()),
             Err(e) if shutdown.is_cancelled() => {
                 warn!(error = %e, "broker error during shutdown");
@@ -507,6 +696,7 @@ async fn consume_session(
     settings: &Settings,
     pool: &PgPool,
     providers: Arc<BTreeMap<String, Arc<dyn Provider>>>,
+    admission: Arc<Admission>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let topology = Topology::new(settings.queue_prefix.clone());
@@ -527,6 +717,7 @@ async fn consume_session(
         retry_base: Duration::from_millis(settings.worker.retry_base_ms),
         retry_cap: Duration::from_millis(settings.worker.retry_cap_ms),
         hard_stop: hard_stop.clone(),
+        admission,
     });
     let mut consumer = channel
         .basic_consume(
@@ -606,5 +797,37 @@ async fn sweep_orphans(
             Ok(n) => info!(jobs = n, "published jobs their producer left unpublished"),
             Err(e) => warn!(error = %e, "orphan sweep failed; will retry"),
         }
+    }
+}
+
+/// Re-reads the settings on SIGHUP and applies the new rate limits without a restart.
+async fn reload_on_sighup(
+    source: Option<std::path::PathBuf>,
+    admission: Arc<Admission>,
+    stop: CancellationToken,
+) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            return;
+        };
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = hup.recv() => {}
+            }
+            match Settings::load(source.as_deref()) {
+                Ok(s) => admission.reload(&s),
+                Err(e) => {
+                    warn!(error = %e, "SIGHUP: settings not reloaded; keeping the current limits")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = (source, admission);
+        stop.cancelled().await;
     }
 }

@@ -6,6 +6,7 @@
 //! ## Layout (in the order a job meets it)
 //! - [`settings`]: one typed settings struct (defaults → file → environment).
 //! - [`consume`]: the worker loop and [`consume::Worker::process_one`].
+//! - [`admission`]: the fleet's shared RPM/TPM budget (Redis, one Lua script).
 //! - [`provider`]: one adapter per provider behind one trait.
 //! - [`outcome`]: `classify`, the one map from a provider answer to what happens next.
 //! - [`retry`]: backoff with full jitter, or the provider's Retry-After.
@@ -14,6 +15,7 @@
 //! - [`api`]: the HTTP API.
 //! - [`demo`]: the sample batch the README's first command pushes.
 
+pub mod admission;
 pub mod api;
 pub mod consume;
 pub mod demo;

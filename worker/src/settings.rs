@@ -30,8 +30,15 @@ pub struct Settings {
     pub worker: WorkerSettings,
     /// Job bounds checked at enqueue.
     pub limits: Limits,
+    /// Redis URL of the fleet's shared budget (secret: may hold a password).
+    pub redis_url: SecretString,
+    /// The global RPM/TPM budget.
+    pub admission: AdmissionSettings,
     /// Configured providers by name.
     pub providers: BTreeMap<String, ProviderSettings>,
+    /// The file these settings were read from, if any (for reloads).
+    #[serde(skip)]
+    pub source: Option<std::path::PathBuf>,
 }
 
 /// HTTP API settings.
@@ -52,6 +59,78 @@ pub struct WorkerSettings {
     pub retry_base_ms: u64,
     /// Backoff cap.
     pub retry_cap_ms: u64,
+}
+
+/// The global budget's behaviour.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AdmissionSettings {
+    /// `global`: shared by the fleet through Redis (default). `local`: each replica alone
+    /// (the naive setup, kept for comparison benchmarks).
+    pub mode: AdmissionMode,
+    /// Prefix of the Redis keys; replicas sharing a provider account must share it.
+    pub namespace: String,
+    /// Fraction of every limit kept unused, e.g. 0.02.
+    pub safety_margin: f64,
+    /// A job whose slot is further away than this goes back to the queue uncharged.
+    pub max_wait_secs: u64,
+    /// Replicas assumed when Redis has never been reachable (the local fallback holds
+    /// 1/replicas of each limit); otherwise the live count seen through Redis is used.
+    pub assumed_replicas: u32,
+    /// Per-call Redis timeout before falling back to the local limiter.
+    pub redis_timeout_ms: u64,
+}
+
+/// See [`AdmissionSettings::mode`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum AdmissionMode {
+    /// Fleet-wide through Redis.
+    Global,
+    /// Per replica (naive).
+    Local,
+}
+
+/// A provider account's rate limits for a model (or all its models).
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct RateLimitSettings {
+    /// Requests per minute.
+    #[serde(default)]
+    pub rpm: Option<u64>,
+    /// Tokens per minute (OpenAI: prompt + max_tokens).
+    #[serde(default)]
+    pub tpm: Option<u64>,
+    /// Input tokens per minute (Anthropic).
+    #[serde(default)]
+    pub input_tpm: Option<u64>,
+    /// Output tokens per minute (Anthropic).
+    #[serde(default)]
+    pub output_tpm: Option<u64>,
+    /// The request bucket holds this many seconds' worth: 1 paces evenly for providers
+    /// that enforce per second ("600 RPM may be enforced as 10 per second").
+    #[serde(default = "one")]
+    pub request_burst_secs: f64,
+    /// Token buckets hold this many seconds' worth (60: a minute's, or no large prompt
+    /// could ever pass).
+    #[serde(default = "sixty")]
+    pub token_burst_secs: f64,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+fn sixty() -> f64 {
+    60.0
+}
+
+/// Limits for one model, overriding the provider's `rate_limit`.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ModelRateLimit {
+    /// Model name.
+    pub model: String,
+    /// Its limits.
+    #[serde(flatten)]
+    pub limits: RateLimitSettings,
 }
 
 /// Which API a provider speaks.
@@ -79,6 +158,28 @@ pub struct ProviderSettings {
     pub timeout_base_secs: u64,
     /// Read timeout: per 1,000 requested output tokens.
     pub timeout_per_1k_tokens_secs: u64,
+    /// Limits of this account for every model (unless `model_limits` names it); none =
+    /// no budget enforced for this provider.
+    #[serde(default)]
+    pub rate_limit: Option<RateLimitSettings>,
+    /// Per-model limits.
+    #[serde(default)]
+    pub model_limits: Vec<ModelRateLimit>,
+    /// Whether the provider gives back reserved tokens a call did not use (OpenAI does
+    /// not: it counts max_tokens at admission).
+    #[serde(default)]
+    pub refund_unused: bool,
+}
+
+impl ProviderSettings {
+    /// The limits that apply to `model`.
+    pub fn limits_for(&self, model: &str) -> Option<&RateLimitSettings> {
+        self.model_limits
+            .iter()
+            .find(|m| m.model == model)
+            .map(|m| &m.limits)
+            .or(self.rate_limit.as_ref())
+    }
 }
 
 /// A setting that cannot be used; says which and what to do.
@@ -119,7 +220,7 @@ impl Settings {
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
-        let settings: Settings = builder
+        let mut settings: Settings = builder
             .add_source(
                 config::Environment::with_prefix("LLMQ")
                     .prefix_separator("_")
@@ -128,6 +229,7 @@ impl Settings {
             )
             .build()?
             .try_deserialize()?;
+        settings.source = file.map(Path::to_path_buf);
         settings.validate()?;
         Ok(settings)
     }
@@ -178,6 +280,22 @@ impl Settings {
                 "must be at least worker.retry_base_ms, which must be > 0",
             ));
         }
+        if !(0.0..0.5).contains(&self.admission.safety_margin) {
+            return Err(invalid(
+                "admission.safety_margin",
+                "must be in [0, 0.5), e.g. 0.02",
+            ));
+        }
+        if self.admission.assumed_replicas == 0 {
+            return Err(invalid("admission.assumed_replicas", "must be at least 1"));
+        }
+        let redis = self.redis_url.expose_secret();
+        if !(redis.starts_with("redis://") || redis.starts_with("rediss://")) {
+            return Err(invalid(
+                "redis_url",
+                "must start with redis:// (value hidden: it may hold a password)",
+            ));
+        }
         if self.providers.is_empty() {
             return Err(invalid(
                 "providers",
@@ -211,6 +329,34 @@ impl Settings {
             }
             if p.api_key.expose_secret().trim().is_empty() {
                 return Err(invalid(&format!("providers.{name}.api_key"), "is empty"));
+            }
+            let all = p
+                .rate_limit
+                .iter()
+                .map(|l| (format!("providers.{name}.rate_limit"), l));
+            let models = p.model_limits.iter().map(|m| {
+                (
+                    format!("providers.{name}.model_limits[{}]", m.model),
+                    &m.limits,
+                )
+            });
+            for (field, l) in all.chain(models) {
+                for (dim, v) in [
+                    ("rpm", l.rpm),
+                    ("tpm", l.tpm),
+                    ("input_tpm", l.input_tpm),
+                    ("output_tpm", l.output_tpm),
+                ] {
+                    if v == Some(0) {
+                        return Err(invalid(
+                            &format!("{field}.{dim}"),
+                            "is 0: leave it out for no limit",
+                        ));
+                    }
+                }
+                if l.request_burst_secs <= 0.0 || l.token_burst_secs <= 0.0 {
+                    return Err(invalid(&field, "burst seconds must be > 0"));
+                }
             }
         }
         Ok(())

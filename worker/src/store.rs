@@ -48,6 +48,29 @@ pub async fn claim(
     Ok(attempt.map(|a| u32::try_from(a).unwrap_or(0)))
 }
 
+/// Records that the job waits for rate-limit budget until `expected_start` (no attempt
+/// is counted). False when the job is already terminal.
+pub async fn mark_waiting(
+    pool: &PgPool,
+    id: JobId,
+    expected_start: DateTime<Utc>,
+) -> Result<bool, sqlx::Error> {
+    let changed: Option<uuid::Uuid> = sqlx::query_scalar(
+        "WITH j AS (
+            UPDATE jobs SET state = 'waiting_budget', expected_start_at = $2, updated_at = now()
+            WHERE id = $1 AND state NOT IN ('succeeded', 'failed', 'cancelled', 'expired')
+            RETURNING id, attempts)
+         INSERT INTO job_transitions (job_id, state, attempt, detail)
+         SELECT id, 'waiting_budget', attempts, jsonb_build_object('expected_start_at', $2::timestamptz) FROM j
+         RETURNING job_id",
+    )
+    .bind(id.0)
+    .bind(expected_start)
+    .fetch_optional(pool)
+    .await?;
+    Ok(changed.is_some())
+}
+
 /// Evidence of one provider call.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {

@@ -30,6 +30,52 @@ pub struct ProviderReply {
     pub usage: Usage,
     /// HTTP status (200).
     pub status: u16,
+    /// What the provider says is left of its limits (`x-ratelimit-remaining-*`).
+    pub remaining: Remaining,
+}
+
+/// Remaining budget as the provider reports it in response headers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Remaining {
+    /// Requests left.
+    pub requests: Option<u64>,
+    /// Tokens left (OpenAI).
+    pub tokens: Option<u64>,
+    /// Input tokens left (Anthropic).
+    pub input_tokens: Option<u64>,
+    /// Output tokens left (Anthropic).
+    pub output_tokens: Option<u64>,
+}
+
+impl Remaining {
+    /// Reads OpenAI's `x-ratelimit-remaining-*` and Anthropic's
+    /// `anthropic-ratelimit-*-remaining` headers.
+    pub fn from_headers(h: &HeaderMap) -> Self {
+        let num = |name: &str| {
+            h.get(name)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+        };
+        Self {
+            requests: num("x-ratelimit-remaining-requests")
+                .or_else(|| num("anthropic-ratelimit-requests-remaining")),
+            tokens: num("x-ratelimit-remaining-tokens")
+                .or_else(|| num("anthropic-ratelimit-tokens-remaining")),
+            input_tokens: num("anthropic-ratelimit-input-tokens-remaining"),
+            output_tokens: num("anthropic-ratelimit-output-tokens-remaining"),
+        }
+    }
+
+    /// The value for an admission dimension name.
+    pub fn for_dim(&self, dim: &str) -> Option<u64> {
+        match dim {
+            "requests" => self.requests,
+            "tokens" => self.tokens,
+            "input_tokens" => self.input_tokens,
+            "output_tokens" => self.output_tokens,
+            _ => None,
+        }
+    }
 }
 
 /// Why a call produced no completion, with the raw evidence.
@@ -67,6 +113,8 @@ pub enum CallError {
 pub trait Provider: Send + Sync {
     /// Configuration name (`openai`).
     fn name(&self) -> &str;
+    /// API dialect.
+    fn kind(&self) -> ProviderKind;
     /// Host of the base URL, for evidence.
     fn host(&self) -> &str;
     /// Endpoint path called, for evidence.

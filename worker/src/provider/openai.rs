@@ -71,6 +71,10 @@ impl Provider for OpenAi {
         &self.name
     }
 
+    fn kind(&self) -> crate::settings::ProviderKind {
+        crate::settings::ProviderKind::Openai
+    }
+
     fn host(&self) -> &str {
         &self.host
     }
@@ -143,6 +147,7 @@ impl Provider for OpenAi {
                 request_id: rid,
                 usage,
                 status,
+                remaining: super::Remaining::from_headers(&headers),
             })
         })
     }
