@@ -1,0 +1,394 @@
+//! The shared budget against real Redis: atomic multi-dimension reservations, FIFO slots,
+//! idempotent settling, exact refunds, fleet pauses, and the fail-closed fallback.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use llmq_mock_provider::{Limits as MockLimits, MockConfig};
+use llmq_producer_sdk::{ChatMessage, JobId, JobState, NewJob};
+use llmq_tests::{redis_url, spawn_app_with, AppOptions};
+use llmq_worker::admission::{Admission, Admit, Scope};
+use llmq_worker::settings::RateLimitSettings;
+use llmq_worker::Settings;
+use redis::AsyncCommands;
+use secrecy::SecretString;
+
+fn settings(limits: RateLimitSettings, refund: bool) -> Settings {
+    let mut s = Settings::defaults().unwrap();
+    s.redis_url = SecretString::from(redis_url());
+    s.admission.namespace = format!("llmqt-adm-{}", uuid::Uuid::new_v4().simple());
+    s.admission.safety_margin = 0.0;
+    let p = s.providers.get_mut("openai").unwrap();
+    p.rate_limit = Some(limits);
+    p.refund_unused = refund;
+    s
+}
+
+fn limits(rpm: u64, tpm: u64) -> RateLimitSettings {
+    RateLimitSettings {
+        rpm: Some(rpm),
+        tpm: Some(tpm),
+        request_burst_secs: 1.0,
+        token_burst_secs: 60.0,
+        ..Default::default()
+    }
+}
+
+async fn tat(scope: &Scope, dim: &str) -> Option<f64> {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let v: Option<String> = c.hget(&scope.key, format!("tat:{dim}")).await.unwrap();
+    v.map(|s| s.parse().unwrap())
+}
+
+fn go(a: Admit) -> (Duration, llmq_worker::admission::Reservation) {
+    match a {
+        Admit::Go { wait, reservation } => (wait, reservation),
+        other => panic!("expected a slot, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixty_four_concurrent_acquirers_never_over_admit() {
+    // 1200 RPM paced per second (20/s), tokens not binding.
+    let admission = Arc::new(Admission::new(&settings(limits(1200, 6_000_000), false)).unwrap());
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for i in 0..64u64 {
+        let (a, s) = (admission.clone(), scope.clone());
+        tasks.push(tokio::spawn(async move {
+            let (wait, _) = go(a.acquire(&s, s.demand(100 + i, 50)).await);
+            tokio::time::sleep(wait).await;
+            t0.elapsed().as_secs_f64()
+        }));
+    }
+    let mut starts = Vec::new();
+    for t in tasks {
+        starts.push(t.await.unwrap());
+    }
+    starts.sort_by(f64::total_cmp);
+    // Buckets start empty: by time t at most 20·t requests may have started (+1 for
+    // timer granularity), and no 1 s window holds more than 20 (+1).
+    for (i, t) in starts.iter().enumerate() {
+        assert!(
+            (i as f64) <= 20.0 * t + 1.0,
+            "request {i} started at {t:.3}s: over the rate"
+        );
+    }
+    for (i, t) in starts.iter().enumerate() {
+        let in_window = starts[i..].iter().take_while(|u| **u < t + 1.0).count();
+        assert!(
+            in_window <= 21,
+            "{in_window} requests within 1 s from {t:.3}s"
+        );
+    }
+    // Both dimensions were charged for every reservation: tokens' TAT moved by exactly
+    // the sum of token amounts over the empty start (tokens never bound).
+    let tokens_tat = tat(&scope, "tokens").await.unwrap();
+    let requests_tat = tat(&scope, "requests").await.unwrap();
+    assert!(tokens_tat > 0.0 && requests_tat > 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_large_or_too_busy_charges_nothing() {
+    let mut s = settings(limits(600, 1000), false);
+    s.admission.max_wait_secs = 60;
+    let admission = Admission::new(&s).unwrap();
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    // More tokens than the bucket ever holds: refused, nothing charged in any dimension.
+    match admission.acquire(&scope, scope.demand(900, 500)).await {
+        Admit::TooLarge {
+            dim,
+            amount,
+            capacity,
+        } => {
+            assert_eq!((dim, amount, capacity), ("tokens", 1400, 1000));
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(
+        tat(&scope, "requests").await,
+        None,
+        "requests charged without tokens"
+    );
+    // A slot further than max_wait: refused, nothing charged.
+    let (_, _) = go(admission.acquire(&scope, scope.demand(400, 400)).await);
+    let before = (tat(&scope, "requests").await, tat(&scope, "tokens").await);
+    assert!(matches!(
+        admission.acquire(&scope, scope.demand(400, 400)).await,
+        Admit::TooBusy { .. }
+    ));
+    assert_eq!(
+        (tat(&scope, "requests").await, tat(&scope, "tokens").await),
+        before
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slots_are_fifo_for_mixed_sizes() {
+    let admission = Admission::new(&settings(limits(6000, 60_000), false)).unwrap();
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    let t0 = Instant::now();
+    let mut starts = Vec::new();
+    for (prompt, max) in [
+        (100, 100),
+        (20_000, 4_000),
+        (50, 50),
+        (10, 10),
+        (8_000, 2_000),
+        (100, 100),
+    ] {
+        let asked = t0.elapsed();
+        let (wait, _) = go(admission.acquire(&scope, scope.demand(prompt, max)).await);
+        starts.push((asked + wait).as_secs_f64());
+    }
+    for w in starts.windows(2) {
+        assert!(
+            w[1] + 0.005 >= w[0],
+            "a later job got an earlier slot: {starts:?}"
+        );
+    }
+    // The large job does not hold back forever: its slot is finite and near its size.
+    assert!(starts[1] < 30.0, "{starts:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn settle_is_idempotent_and_a_refund_of_r_admits_exactly_r_more() {
+    let admission = Admission::new(&settings(limits(6000, 60_000), true)).unwrap();
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    let job = JobId::new();
+    let mut reservations = Vec::new();
+    for _ in 0..5 {
+        reservations.push(go(admission.acquire(&scope, scope.demand(2_000, 1_000)).await).1);
+    }
+    let per_token_ms = 60_000.0 / 60_000.0;
+    let before = tat(&scope, "tokens").await.unwrap();
+    // Used 1,000 fewer tokens than reserved: refund R = 1000 tokens.
+    let r = &reservations[4];
+    admission.settle(job, 1, r, &[1, 2_000], &[]).await;
+    let after = tat(&scope, "tokens").await.unwrap();
+    assert!(
+        (before - after - 1_000.0 * per_token_ms).abs() < 0.01,
+        "refund moved TAT by {}",
+        before - after
+    );
+    // Settling the same attempt again changes nothing.
+    admission.settle(job, 1, r, &[1, 2_000], &[]).await;
+    assert!((tat(&scope, "tokens").await.unwrap() - after).abs() < 0.001);
+    // Excess is charged: 500 more tokens than reserved.
+    admission
+        .settle(JobId::new(), 1, &reservations[3], &[1, 3_500], &[])
+        .await;
+    assert!((tat(&scope, "tokens").await.unwrap() - after - 500.0 * per_token_ms).abs() < 0.01);
+    // Provider headers only tighten: a generous "remaining" changes nothing.
+    let t = tat(&scope, "tokens").await.unwrap();
+    admission
+        .settle(
+            JobId::new(),
+            1,
+            &reservations[2],
+            &[1, 3_000],
+            &[None, Some(1_000_000)],
+        )
+        .await;
+    assert!((tat(&scope, "tokens").await.unwrap() - t).abs() < 0.001);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_is_never_shortened() {
+    let admission = Admission::new(&settings(limits(600, 90_000), false)).unwrap();
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    admission.pause(&scope, Duration::from_secs(10)).await;
+    admission.pause(&scope, Duration::from_secs(1)).await;
+    let left = admission.pause_left(&scope).await;
+    assert!(left > Duration::from_secs(9), "pause shortened to {left:?}");
+    // A new slot starts after the pause, not during it.
+    let (wait, _) = go(admission.acquire(&scope, scope.demand(10, 10)).await);
+    assert!(wait >= Duration::from_secs(9), "{wait:?}");
+}
+
+fn limited_app_options(mock_rpm: u64, mock_tpm: u64, rpm: u64, tpm: u64) -> AppOptions {
+    let _ = (rpm, tpm);
+    AppOptions {
+        mock: MockConfig {
+            limits: Some(MockLimits {
+                rpm: Some(mock_rpm),
+                tpm: Some(mock_tpm),
+                per_second: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        workers: 2,
+        concurrency: 16,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn jobs_wait_for_budget_and_the_provider_sees_no_429() {
+    let mut opts = limited_app_options(300, 30_000, 300, 30_000);
+    opts.configure = Some(|s| {
+        let p = s.providers.get_mut("openai").unwrap();
+        p.rate_limit = Some(RateLimitSettings {
+            rpm: Some(300),
+            tpm: Some(30_000),
+            request_burst_secs: 1.0,
+            token_burst_secs: 60.0,
+            ..Default::default()
+        });
+    });
+    let app = spawn_app_with(opts).await;
+    let client = app.client().await;
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        ids.push(
+            client
+                .enqueue(
+                    NewJob::new(
+                        "acme",
+                        "gpt-4o-mini",
+                        vec![ChatMessage::user(format!("budgeted {i}"))],
+                    )
+                    .max_tokens(200),
+                )
+                .await
+                .unwrap(),
+        );
+    }
+    // Someone is seen waiting for budget with an expected start.
+    let mut seen_waiting = false;
+    for _ in 0..100 {
+        for id in &ids {
+            let s = client.status(*id).await.unwrap();
+            if s.state == JobState::WaitingBudget {
+                assert!(s.expected_start_at.is_some());
+                seen_waiting = true;
+            }
+        }
+        if seen_waiting {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(seen_waiting, "no job showed waiting_budget");
+    let counts = app.wait_all_terminal(40, Duration::from_secs(120)).await;
+    assert_eq!(counts, vec![("succeeded".to_string(), 40)]);
+    let stats = app.mock.stats();
+    assert_eq!(
+        stats.rate_limited, 0,
+        "the provider returned 429s: {stats:?}"
+    );
+    assert_eq!(stats.succeeded, 40);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_job_too_large_for_the_limit_fails_at_once_without_a_call() {
+    let mut opts = limited_app_options(600, 1_000, 600, 1_000);
+    opts.configure = Some(|s| {
+        s.providers.get_mut("openai").unwrap().rate_limit = Some(RateLimitSettings {
+            rpm: Some(600),
+            tpm: Some(1_000),
+            request_burst_secs: 1.0,
+            token_burst_secs: 60.0,
+            ..Default::default()
+        });
+    });
+    let app = spawn_app_with(opts).await;
+    let client = app.client().await;
+    let id = client
+        .enqueue(
+            NewJob::new("acme", "gpt-4o-mini", vec![ChatMessage::user("big")]).max_tokens(5_000),
+        )
+        .await
+        .unwrap();
+    let s = app
+        .wait_for(id, JobState::Failed, Duration::from_secs(20))
+        .await;
+    assert_eq!(s.last_error.unwrap().class, "request_too_large");
+    assert_eq!(s.attempts, 1);
+    assert_eq!(app.mock.stats().requests_total, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_provider_call_during_a_fleet_pause() {
+    let mut opts = limited_app_options(6_000, 1_000_000, 6_000, 1_000_000);
+    opts.configure = Some(|s| {
+        s.providers.get_mut("openai").unwrap().rate_limit = Some(RateLimitSettings {
+            rpm: Some(6_000),
+            tpm: Some(1_000_000),
+            request_burst_secs: 1.0,
+            token_burst_secs: 60.0,
+            ..Default::default()
+        });
+    });
+    let app = spawn_app_with(opts).await;
+    // Another replica saw a 429 with retry-after 3 s.
+    let admission = Admission::new(&app.settings).unwrap();
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    let paused_at = Instant::now();
+    admission.pause(&scope, Duration::from_secs(3)).await;
+    let client = app.client().await;
+    for i in 0..10 {
+        client
+            .enqueue(
+                NewJob::new(
+                    "acme",
+                    "gpt-4o-mini",
+                    vec![ChatMessage::user(format!("p{i}"))],
+                )
+                .max_tokens(10),
+            )
+            .await
+            .unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2_500).saturating_sub(paused_at.elapsed())).await;
+    assert_eq!(
+        app.mock.stats().requests_total,
+        0,
+        "a worker called the provider during the pause"
+    );
+    let counts = app.wait_all_terminal(10, Duration::from_secs(60)).await;
+    assert_eq!(counts, vec![("succeeded".to_string(), 10)]);
+    assert!(paused_at.elapsed() >= Duration::from_secs(3));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_redis_unreachable_admission_continues_at_the_local_share() {
+    let mut opts = limited_app_options(120, 100_000, 120, 100_000);
+    opts.workers = 1;
+    opts.configure = Some(|s| {
+        // Nothing listens there: every Redis call fails.
+        s.redis_url = SecretString::from("redis://127.0.0.1:1".to_owned());
+        s.providers.get_mut("openai").unwrap().rate_limit = Some(RateLimitSettings {
+            rpm: Some(120),
+            tpm: Some(100_000),
+            request_burst_secs: 1.0,
+            token_burst_secs: 60.0,
+            ..Default::default()
+        });
+    });
+    let app = spawn_app_with(opts).await;
+    let client = app.client().await;
+    for i in 0..12 {
+        client
+            .enqueue(
+                NewJob::new(
+                    "acme",
+                    "gpt-4o-mini",
+                    vec![ChatMessage::user(format!("r{i}"))],
+                )
+                .max_tokens(10),
+            )
+            .await
+            .unwrap();
+    }
+    let counts = app.wait_all_terminal(12, Duration::from_secs(60)).await;
+    assert_eq!(counts, vec![("succeeded".to_string(), 12)]);
+    let stats = app.mock.stats();
+    assert_eq!(
+        stats.rate_limited, 0,
+        "failing open would have hit the provider's limit: {stats:?}"
+    );
+}
