@@ -84,6 +84,7 @@ pub struct MockHandle {
     pub addr: SocketAddr,
     stats: Arc<Mutex<Stats>>,
     admitted: Arc<Mutex<Vec<Admitted>>>,
+    started: std::time::Instant,
     shutdown: CancellationToken,
 }
 
@@ -96,6 +97,11 @@ impl MockHandle {
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Milliseconds since the mock started (the clock of [`Admitted::at_ms`]).
+    pub fn elapsed_ms(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// Every admitted completion so far.
@@ -150,12 +156,13 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
     let limiter = Arc::new(Mutex::new(limits::Limiter::new(
         config.limits.clone().unwrap_or_default(),
     )));
+    let started = std::time::Instant::now();
     let state = AppState {
         config: Arc::new(config),
         stats: stats.clone(),
         limiter,
         admitted: admitted.clone(),
-        started: std::time::Instant::now(),
+        started,
     };
     let shutdown = CancellationToken::new();
     let stop = shutdown.clone();
@@ -168,6 +175,7 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
         addr,
         stats,
         admitted,
+        started,
         shutdown,
     })
 }

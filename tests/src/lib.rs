@@ -77,8 +77,10 @@ pub struct AppOptions {
     pub workers: usize,
     /// Worker concurrency.
     pub concurrency: u16,
-    /// Last changes to the settings before anything starts.
-    pub configure: Option<fn(&mut Settings)>,
+    /// Rate limits for the `openai` provider (the mock).
+    pub rate_limit: Option<llmq_worker::settings::RateLimitSettings>,
+    /// Last changes to the settings before anything starts (given the mock's base URL).
+    pub configure: Option<fn(&mut Settings, &str)>,
 }
 
 impl Default for AppOptions {
@@ -88,6 +90,7 @@ impl Default for AppOptions {
             api: true,
             workers: 1,
             concurrency: 16,
+            rate_limit: None,
             configure: None,
         }
     }
@@ -136,8 +139,11 @@ pub async fn spawn_app_with(opts: AppOptions) -> TestApp {
         p.base_url = mock.base_url();
         p.api_key = SecretString::from("sk-test-0123456789abcdef".to_owned());
     }
+    if let Some(p) = settings.providers.get_mut("openai") {
+        p.rate_limit.clone_from(&opts.rate_limit);
+    }
     if let Some(configure) = opts.configure {
-        configure(&mut settings);
+        configure(&mut settings, &mock.base_url());
     }
     settings.validate().expect("valid test settings");
 
@@ -228,6 +234,39 @@ impl TestApp {
         }
     }
 
+    /// Polls until the job is terminal, whatever the state.
+    pub async fn wait_terminal(&self, id: JobId, timeout: Duration) -> JobStatus {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let s = llmq_producer_sdk::fetch_status(&self.pool, id, None)
+                .await
+                .expect("read status")
+                .expect("job exists");
+            if s.state.is_terminal() {
+                return s;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "job {id} still {} after {timeout:?}",
+                s.state
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Takes dead letters until `n` arrived (or 5 s passed).
+    pub async fn wait_dead_letters(&self, n: usize) -> Vec<(Vec<u8>, Option<String>)> {
+        let mut out = Vec::new();
+        for _ in 0..50 {
+            out.extend(self.drain_dead_letters().await);
+            if out.len() >= n {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        out
+    }
+
     /// Waits until every job in the database is terminal; returns counts by state.
     pub async fn wait_all_terminal(&self, expected: i64, timeout: Duration) -> Vec<(String, i64)> {
         let deadline = tokio::time::Instant::now() + timeout;
@@ -303,18 +342,18 @@ impl TestApp {
 
     /// Path of the `llmq` binary next to the test executable (built by `cargo build --bins`).
     pub fn llmq_binary() -> anyhow::Result<PathBuf> {
+        // Test executables live in target/<profile>/deps, binaries in target/<profile>.
         let exe = std::env::current_exe()?;
-        let dir = exe
-            .parent()
-            .and_then(|p| p.parent())
-            .context("target dir")?;
-        let bin = dir.join("llmq");
-        anyhow::ensure!(
-            bin.exists(),
-            "{} is missing: run `cargo build --workspace --bins` first (scripts/test.sh does)",
-            bin.display()
-        );
-        Ok(bin)
+        let dir = exe.parent().context("exe dir")?;
+        for candidate in [
+            dir.join("llmq"),
+            dir.parent().context("target dir")?.join("llmq"),
+        ] {
+            if candidate.exists() {
+                return Ok(candidate);
+            }
+        }
+        anyhow::bail!("the llmq binary is missing next to {}: run `cargo build --workspace --bins` first (scripts/test.sh does)", exe.display())
     }
 
     /// Environment for an `llmq` child process pointing at this app.

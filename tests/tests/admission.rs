@@ -208,8 +208,9 @@ async fn a_pause_is_never_shortened() {
     assert!(wait >= Duration::from_secs(9), "{wait:?}");
 }
 
+/// An app whose mock enforces (mock_rpm, mock_tpm) per second/minute and whose workers
+/// budget for (rpm, tpm).
 fn limited_app_options(mock_rpm: u64, mock_tpm: u64, rpm: u64, tpm: u64) -> AppOptions {
-    let _ = (rpm, tpm);
     AppOptions {
         mock: MockConfig {
             limits: Some(MockLimits {
@@ -220,6 +221,7 @@ fn limited_app_options(mock_rpm: u64, mock_tpm: u64, rpm: u64, tpm: u64) -> AppO
             }),
             ..Default::default()
         },
+        rate_limit: Some(limits(rpm, tpm)),
         workers: 2,
         concurrency: 16,
         ..Default::default()
@@ -228,17 +230,7 @@ fn limited_app_options(mock_rpm: u64, mock_tpm: u64, rpm: u64, tpm: u64) -> AppO
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn jobs_wait_for_budget_and_the_provider_sees_no_429() {
-    let mut opts = limited_app_options(300, 30_000, 300, 30_000);
-    opts.configure = Some(|s| {
-        let p = s.providers.get_mut("openai").unwrap();
-        p.rate_limit = Some(RateLimitSettings {
-            rpm: Some(300),
-            tpm: Some(30_000),
-            request_burst_secs: 1.0,
-            token_burst_secs: 60.0,
-            ..Default::default()
-        });
-    });
+    let opts = limited_app_options(300, 30_000, 300, 30_000);
     let app = spawn_app_with(opts).await;
     let client = app.client().await;
     let mut ids = Vec::new();
@@ -285,16 +277,7 @@ async fn jobs_wait_for_budget_and_the_provider_sees_no_429() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_job_too_large_for_the_limit_fails_at_once_without_a_call() {
-    let mut opts = limited_app_options(600, 1_000, 600, 1_000);
-    opts.configure = Some(|s| {
-        s.providers.get_mut("openai").unwrap().rate_limit = Some(RateLimitSettings {
-            rpm: Some(600),
-            tpm: Some(1_000),
-            request_burst_secs: 1.0,
-            token_burst_secs: 60.0,
-            ..Default::default()
-        });
-    });
+    let opts = limited_app_options(600, 1_000, 600, 1_000);
     let app = spawn_app_with(opts).await;
     let client = app.client().await;
     let id = client
@@ -313,16 +296,7 @@ async fn a_job_too_large_for_the_limit_fails_at_once_without_a_call() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn no_provider_call_during_a_fleet_pause() {
-    let mut opts = limited_app_options(6_000, 1_000_000, 6_000, 1_000_000);
-    opts.configure = Some(|s| {
-        s.providers.get_mut("openai").unwrap().rate_limit = Some(RateLimitSettings {
-            rpm: Some(6_000),
-            tpm: Some(1_000_000),
-            request_burst_secs: 1.0,
-            token_burst_secs: 60.0,
-            ..Default::default()
-        });
-    });
+    let opts = limited_app_options(6_000, 1_000_000, 6_000, 1_000_000);
     let app = spawn_app_with(opts).await;
     // Another replica saw a 429 with retry-after 3 s.
     let admission = Admission::new(&app.settings).unwrap();
@@ -358,16 +332,9 @@ async fn no_provider_call_during_a_fleet_pause() {
 async fn with_redis_unreachable_admission_continues_at_the_local_share() {
     let mut opts = limited_app_options(120, 100_000, 120, 100_000);
     opts.workers = 1;
-    opts.configure = Some(|s| {
+    opts.configure = Some(|s, _| {
         // Nothing listens there: every Redis call fails.
         s.redis_url = SecretString::from("redis://127.0.0.1:1".to_owned());
-        s.providers.get_mut("openai").unwrap().rate_limit = Some(RateLimitSettings {
-            rpm: Some(120),
-            tpm: Some(100_000),
-            request_burst_secs: 1.0,
-            token_burst_secs: 60.0,
-            ..Default::default()
-        });
     });
     let app = spawn_app_with(opts).await;
     let client = app.client().await;
@@ -390,5 +357,106 @@ async fn with_redis_unreachable_admission_continues_at_the_local_share() {
     assert_eq!(
         stats.rate_limited, 0,
         "failing open would have hit the provider's limit: {stats:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn anthropic_jobs_stay_under_input_and_output_token_limits() {
+    let opts = AppOptions {
+        mock: MockConfig {
+            limits: Some(MockLimits {
+                rpm: Some(600),
+                input_tpm: Some(6_000),
+                output_tpm: Some(3_000),
+                per_second: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        workers: 2,
+        configure: Some(|s, mock_url| {
+            let mut p = s.providers["openai"].clone();
+            p.kind = llmq_worker::settings::ProviderKind::Anthropic;
+            p.base_url = mock_url.to_owned();
+            p.rate_limit = Some(RateLimitSettings {
+                rpm: Some(600),
+                input_tpm: Some(6_000),
+                output_tpm: Some(3_000),
+                request_burst_secs: 1.0,
+                token_burst_secs: 60.0,
+                ..Default::default()
+            });
+            s.providers.insert("anthropic".into(), p);
+        }),
+        ..Default::default()
+    };
+    let app = spawn_app_with(opts).await;
+    let client = app.client().await;
+    for i in 0..12 {
+        client
+            .enqueue(
+                NewJob::new(
+                    "acme",
+                    "claude-sonnet-4",
+                    vec![
+                        ChatMessage::system("be brief"),
+                        ChatMessage::user(format!("claude {i} {}", "x".repeat(400))),
+                    ],
+                )
+                .provider("anthropic")
+                .max_tokens(100),
+            )
+            .await
+            .unwrap();
+    }
+    let counts = app.wait_all_terminal(12, Duration::from_secs(90)).await;
+    assert_eq!(counts, vec![("succeeded".to_string(), 12)]);
+    let stats = app.mock.stats();
+    assert_eq!(stats.rate_limited, 0, "{stats:?}");
+    let content: String = sqlx::query_scalar("SELECT result->>'content' FROM jobs LIMIT 1")
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert!(content.starts_with("mock reply to: claude"), "{content}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn state_lost_by_redis_starts_empty_not_full() {
+    let admission = Admission::new(&settings(limits(6000, 60_000), false)).unwrap();
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    let (first, _) = go(admission.acquire(&scope, scope.demand(1_000, 1_000)).await);
+    // 2,000 tokens at 1,000/s from an empty bucket: about 2 s, not at once.
+    assert!(first >= Duration::from_millis(1_900), "{first:?}");
+    // Redis restarted empty: the scope's state is gone; it starts empty again.
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = c.del(&scope.key).await.unwrap();
+    let (again, _) = go(admission.acquire(&scope, scope.demand(1_000, 1_000)).await);
+    assert!(again >= Duration::from_millis(1_900), "{again:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn limits_change_without_a_restart_and_keep_the_safety_margin() {
+    let mut s = settings(limits(600, 90_000), false);
+    s.admission.safety_margin = 0.02;
+    let admission = Admission::new(&s).unwrap();
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    assert!(
+        (scope.dims[1].per_minute - 88_200.0).abs() < 1e-6,
+        "{:?}",
+        scope.dims
+    );
+    s.providers.get_mut("openai").unwrap().rate_limit = Some(limits(600, 30_000));
+    admission.reload(&s);
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    assert!(
+        (scope.dims[1].per_minute - 29_400.0).abs() < 1e-6,
+        "{:?}",
+        scope.dims
+    );
+    assert!(
+        (scope.dims[0].burst - 9.8).abs() < 1e-6,
+        "requests paced per second: {:?}",
+        scope.dims
     );
 }

@@ -56,14 +56,7 @@ async fn malformed_messages_are_dead_lettered_with_their_reason_and_work_goes_on
         .await;
     assert_eq!(s.result.unwrap().content, "mock reply to: still works");
 
-    let mut dead = Vec::new();
-    for _ in 0..50 {
-        dead.extend(app.drain_dead_letters().await);
-        if dead.len() >= 3 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let dead = app.wait_dead_letters(3).await;
     assert_eq!(dead.len(), 3, "{dead:?}");
     let reasons: Vec<String> = dead
         .iter()

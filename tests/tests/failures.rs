@@ -20,7 +20,7 @@ type AttemptRow = (
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refused_connection_is_network_retried_then_failed_with_evidence() {
     let app = spawn_app_with(AppOptions {
-        configure: Some(|s| {
+        configure: Some(|s, _| {
             // Nothing listens on port 1: connection refused.
             s.providers.get_mut("openai").unwrap().base_url = "http://127.0.0.1:1/v1".into();
         }),
@@ -36,7 +36,7 @@ async fn refused_connection_is_network_retried_then_failed_with_evidence() {
         )
         .await
         .unwrap();
-    let s = wait_terminal(&app, id).await;
+    let s = app.wait_terminal(id, Duration::from_secs(15)).await;
     assert_eq!(s.state, JobState::Failed);
     let err = s.last_error.unwrap();
     assert_eq!(
@@ -71,7 +71,7 @@ async fn refused_connection_is_network_retried_then_failed_with_evidence() {
         states,
         ["queued", "running", "retrying", "running", "failed"]
     );
-    let dead = drain_until(&app, 1).await;
+    let dead = app.wait_dead_letters(1).await;
     assert!(
         dead[0]
             .1
@@ -101,7 +101,7 @@ async fn bad_key_is_auth_and_not_retried() {
         )
         .await
         .unwrap();
-    let s = wait_terminal(&app, id).await;
+    let s = app.wait_terminal(id, Duration::from_secs(15)).await;
     assert_eq!(s.state, JobState::Failed);
     assert_eq!(s.last_error.as_ref().unwrap().class, "auth");
     assert_eq!(s.attempts, 1);
@@ -148,36 +148,7 @@ async fn past_deadline_expires_without_a_call() {
     tokio::time::sleep(Duration::from_millis(400)).await;
     let mut app = app;
     app.start_worker();
-    let s = wait_terminal(&app, id).await;
+    let s = app.wait_terminal(id, Duration::from_secs(15)).await;
     assert_eq!(s.state, JobState::Expired);
     assert_eq!(app.mock.stats().requests_total, 0);
-}
-
-async fn wait_terminal(
-    app: &llmq_tests::TestApp,
-    id: llmq_producer_sdk::JobId,
-) -> llmq_producer_sdk::JobStatus {
-    for _ in 0..300 {
-        let s = llmq_producer_sdk::fetch_status(&app.pool, id, None)
-            .await
-            .unwrap()
-            .unwrap();
-        if s.state.is_terminal() {
-            return s;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("job {id} did not finish");
-}
-
-async fn drain_until(app: &llmq_tests::TestApp, n: usize) -> Vec<(Vec<u8>, Option<String>)> {
-    let mut out = Vec::new();
-    for _ in 0..50 {
-        out.extend(app.drain_dead_letters().await);
-        if out.len() >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    out
 }

@@ -2,6 +2,8 @@
 //! chat request into one HTTP call and the answer into a [`ProviderReply`] or a
 //! [`CallError`] carrying the evidence [`crate::outcome::classify`] needs.
 
+mod anthropic;
+mod http;
 mod openai;
 
 use std::sync::Arc;
@@ -13,6 +15,7 @@ use reqwest::header::HeaderMap;
 
 use crate::settings::{ProviderKind, ProviderSettings};
 
+pub use anthropic::Anthropic;
 pub use openai::OpenAi;
 
 /// A successful completion as the provider returned it.
@@ -131,9 +134,7 @@ pub trait Provider: Send + Sync {
 pub fn build(name: &str, settings: &ProviderSettings) -> anyhow::Result<Arc<dyn Provider>> {
     match settings.kind {
         ProviderKind::Openai => Ok(Arc::new(OpenAi::new(name, settings)?)),
-        ProviderKind::Anthropic => anyhow::bail!(
-            "provider `{name}`: kind `anthropic` is not supported by this build yet; use kind = \"openai\""
-        ),
+        ProviderKind::Anthropic => Ok(Arc::new(Anthropic::new(name, settings)?)),
     }
 }
 

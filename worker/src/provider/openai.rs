@@ -1,42 +1,24 @@
 //! OpenAI chat completions (`POST {base}/chat/completions`).
 
-use std::time::Duration;
-
 use futures_util::future::BoxFuture;
 use llmq_producer_sdk::{ChatRequest, Usage};
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::ExposeSecret;
 use serde::Deserialize;
 
-use super::{request_id, retry_after, transport_error, CallError, Provider, ProviderReply};
+use super::http::HttpAccount;
+use super::{CallError, Provider, ProviderReply};
 use crate::settings::ProviderSettings;
 
 /// An OpenAI-compatible account.
 pub struct OpenAi {
-    name: String,
-    url: String,
-    host: String,
-    api_key: SecretString,
-    http: reqwest::Client,
-    timeout_base: Duration,
-    timeout_per_1k: Duration,
+    account: HttpAccount,
 }
 
 impl OpenAi {
     /// A client for this account.
     pub fn new(name: &str, s: &ProviderSettings) -> anyhow::Result<Self> {
-        let base = reqwest::Url::parse(&s.base_url)?;
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_millis(s.connect_timeout_ms))
-            .pool_max_idle_per_host(64)
-            .build()?;
         Ok(Self {
-            name: name.to_owned(),
-            url: format!("{}/chat/completions", s.base_url.trim_end_matches('/')),
-            host: base.host_str().unwrap_or_default().to_owned(),
-            api_key: s.api_key.clone(),
-            http,
-            timeout_base: Duration::from_secs(s.timeout_base_secs),
-            timeout_per_1k: Duration::from_secs(s.timeout_per_1k_tokens_secs),
+            account: HttpAccount::new(name, s, "/chat/completions")?,
         })
     }
 }
@@ -68,7 +50,7 @@ struct WireUsage {
 
 impl Provider for OpenAi {
     fn name(&self) -> &str {
-        &self.name
+        &self.account.name
     }
 
     fn kind(&self) -> crate::settings::ProviderKind {
@@ -76,7 +58,7 @@ impl Provider for OpenAi {
     }
 
     fn host(&self) -> &str {
-        &self.host
+        &self.account.host
     }
 
     fn endpoint(&self) -> &'static str {
@@ -94,32 +76,20 @@ impl Provider for OpenAi {
             if let Some(obj) = body.as_object_mut() {
                 obj.insert("model".into(), model.into());
             }
-            let max_tokens = request.max_tokens.unwrap_or(1024);
-            let timeout =
-                self.timeout_base + self.timeout_per_1k.mul_f64(f64::from(max_tokens) / 1000.0);
-            let resp = self
-                .http
-                .post(&self.url)
-                .bearer_auth(self.api_key.expose_secret())
-                .timeout(timeout)
-                .json(&body)
-                .send()
-                .await
-                .map_err(transport_error)?;
-            let status = resp.status().as_u16();
-            let headers = resp.headers().clone();
-            let rid = request_id(&headers);
-            let bytes = resp.bytes().await.map_err(transport_error)?;
-            if !(200..300).contains(&status) {
-                let mut body = String::from_utf8_lossy(&bytes).into_owned();
-                body.truncate(4096);
-                return Err(CallError::Http {
-                    status,
-                    body,
-                    retry_after: retry_after(&headers),
-                    request_id: rid,
-                });
-            }
+            let a = &self.account;
+            let answer = a
+                .send(
+                    a.post(request.max_tokens.unwrap_or(1024))
+                        .bearer_auth(a.api_key.expose_secret())
+                        .json(&body),
+                )
+                .await?;
+            let (status, headers, bytes, rid) = (
+                answer.status,
+                answer.headers,
+                answer.body,
+                answer.request_id,
+            );
             let parsed: Completion =
                 serde_json::from_slice(&bytes).map_err(|e| CallError::Decode {
                     status,
