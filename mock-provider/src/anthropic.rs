@@ -6,6 +6,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::faults::Injected;
 use crate::limits::{Decision, Dim, KeyBuckets};
 use crate::{reply, request_id, tokens, AppState};
 
@@ -132,6 +133,21 @@ pub(crate) async fn messages(
             "invalid_request_error",
             "anthropic-version: header is required",
         );
+    }
+    let faults = state.faults();
+    if let Some(stall) = faults.stall() {
+        // Counted on arrival: the client usually gives up before the answer.
+        count(None);
+        tokio::time::sleep(stall).await;
+        return crate::faults::gateway_timeout(true);
+    }
+    if let Some(injected) = faults.pick(&key, true) {
+        count(None);
+        return match injected {
+            Injected::Answer(r) => r,
+            Injected::Reset => crate::faults::reset(),
+            Injected::Truncate => crate::faults::truncate(),
+        };
     }
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         count(None);

@@ -15,6 +15,7 @@
 //! `"mock reply to: <last user message>"`, cut to `max_tokens` tokens.
 
 mod anthropic;
+mod faults;
 mod limits;
 mod openai;
 mod stats;
@@ -27,6 +28,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use tokio_util::sync::CancellationToken;
 
+pub use faults::Faults;
 pub use limits::Limits;
 pub use stats::{KeyStats, Stats};
 
@@ -39,6 +41,8 @@ pub struct MockConfig {
     pub accept_keys: Option<Vec<String>>,
     /// Rate limits enforced per key; `None` enforces none.
     pub limits: Option<Limits>,
+    /// Faults injected from the start.
+    pub faults: Faults,
 }
 
 /// One admitted completion, for the fidelity benchmark: milliseconds since the mock
@@ -58,9 +62,14 @@ pub(crate) struct AppState {
     pub limiter: Arc<Mutex<limits::Limiter>>,
     pub admitted: Arc<Mutex<Vec<Admitted>>>,
     pub started: std::time::Instant,
+    pub faults: Arc<std::sync::RwLock<Faults>>,
 }
 
 impl AppState {
+    pub(crate) fn faults(&self) -> Faults {
+        self.faults.read().map(|f| f.clone()).unwrap_or_default()
+    }
+
     pub(crate) fn log_admitted(&self, tokens: u64) {
         let at_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if let Ok(mut log) = self.admitted.lock() {
@@ -85,6 +94,7 @@ pub struct MockHandle {
     stats: Arc<Mutex<Stats>>,
     admitted: Arc<Mutex<Vec<Admitted>>>,
     started: std::time::Instant,
+    faults: Arc<std::sync::RwLock<Faults>>,
     shutdown: CancellationToken,
 }
 
@@ -102,6 +112,13 @@ impl MockHandle {
     /// Milliseconds since the mock started (the clock of [`Admitted::at_ms`]).
     pub fn elapsed_ms(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    /// Replaces the injected faults (takes effect for the next request).
+    pub fn set_faults(&self, faults: Faults) {
+        if let Ok(mut f) = self.faults.write() {
+            *f = faults;
+        }
     }
 
     /// Every admitted completion so far.
@@ -123,6 +140,7 @@ fn router(state: AppState) -> Router {
         .route("/_mock/stats", get(get_stats))
         .route("/_mock/reset", post(reset_stats))
         .route("/_mock/admitted", get(get_admitted))
+        .route("/_mock/faults", get(get_faults).put(put_faults))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
 }
@@ -135,6 +153,21 @@ async fn get_admitted(
     axum::extract::State(state): axum::extract::State<AppState>,
 ) -> Json<Vec<Admitted>> {
     Json(state.admitted.lock().map(|a| a.clone()).unwrap_or_default())
+}
+
+async fn get_faults(axum::extract::State(state): axum::extract::State<AppState>) -> Json<Faults> {
+    Json(state.faults())
+}
+
+async fn put_faults(
+    axum::extract::State(state): axum::extract::State<AppState>,
+    Json(faults): Json<Faults>,
+) -> Json<Faults> {
+    tracing::info!(?faults, "faults changed");
+    if let Ok(mut f) = state.faults.write() {
+        *f = faults.clone();
+    }
+    Json(faults)
 }
 
 async fn reset_stats(axum::extract::State(state): axum::extract::State<AppState>) -> Json<Stats> {
@@ -157,7 +190,9 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
         config.limits.clone().unwrap_or_default(),
     )));
     let started = std::time::Instant::now();
+    let faults = Arc::new(std::sync::RwLock::new(config.faults.clone()));
     let state = AppState {
+        faults: faults.clone(),
         config: Arc::new(config),
         stats: stats.clone(),
         limiter,
@@ -176,6 +211,7 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
         stats,
         admitted,
         started,
+        faults,
         shutdown,
     })
 }

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use clap::Parser;
-use llmq_mock_provider::{spawn, Limits, MockConfig};
+use llmq_mock_provider::{spawn, Faults, Limits, MockConfig};
 
 /// OpenAI- and Anthropic-compatible mock LLM provider.
 #[derive(Parser)]
@@ -36,6 +36,30 @@ struct Cli {
     /// Token buckets hold this many seconds' worth (default 60).
     #[arg(long, env = "MOCK_TOKEN_BURST_SECS")]
     token_burst_secs: Option<f64>,
+    /// Fraction of requests answered 500.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Fraction answered overloaded (503 / Anthropic 529).
+    #[arg(long, default_value_t = 0.0)]
+    overloaded_rate: f64,
+    /// Fraction of connections reset mid-response.
+    #[arg(long, default_value_t = 0.0)]
+    reset_rate: f64,
+    /// Fraction of 200s with a truncated body.
+    #[arg(long, default_value_t = 0.0)]
+    truncate_rate: f64,
+    /// Stall every request this long before answering.
+    #[arg(long, default_value_t = 0)]
+    stall_ms: u64,
+    /// Answer 429 insufficient_quota for this key (repeatable).
+    #[arg(long = "quota-key")]
+    quota_keys: Vec<String>,
+    /// Answer 401 for this key (repeatable).
+    #[arg(long = "unauthorized-key")]
+    unauthorized_keys: Vec<String>,
+    /// Context window: prompt + max_tokens above it is 400 context_length_exceeded.
+    #[arg(long)]
+    context_limit: Option<u64>,
 }
 
 #[tokio::main]
@@ -50,6 +74,17 @@ async fn main() -> anyhow::Result<()> {
     let config = MockConfig {
         latency: Duration::from_millis(cli.latency_ms),
         accept_keys: (!cli.accept_keys.is_empty()).then_some(cli.accept_keys),
+        faults: Faults {
+            error_rate: cli.error_rate,
+            overloaded_rate: cli.overloaded_rate,
+            reset_rate: cli.reset_rate,
+            truncate_rate: cli.truncate_rate,
+            outage: false,
+            stall_ms: cli.stall_ms,
+            quota_keys: cli.quota_keys.clone(),
+            unauthorized_keys: cli.unauthorized_keys.clone(),
+            context_limit: cli.context_limit,
+        },
         limits: (cli.rpm.is_some()
             || cli.tpm.is_some()
             || cli.input_tpm.is_some()

@@ -6,6 +6,7 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
+use crate::faults::Injected;
 use crate::limits::{openai_duration, Decision, Dim, KeyBuckets};
 use crate::{reply, request_id, tokens, AppState};
 
@@ -111,6 +112,21 @@ pub(crate) async fn chat_completions(
             started,
         );
     }
+    let faults = state.faults();
+    if let Some(stall) = faults.stall() {
+        // Counted on arrival: the client usually gives up before the answer.
+        count(None);
+        tokio::time::sleep(stall).await;
+        return crate::faults::gateway_timeout(false);
+    }
+    if let Some(injected) = faults.pick(&key, false) {
+        count(None);
+        return match injected {
+            Injected::Answer(r) => r,
+            Injected::Reset => crate::faults::reset(),
+            Injected::Truncate => crate::faults::truncate(),
+        };
+    }
     let Ok(req) = serde_json::from_slice::<Value>(&body) else {
         count(None);
         return error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)", "invalid_request_error", None, None, started);
@@ -155,6 +171,24 @@ pub(crate) async fn chat_completions(
         .get("max_completion_tokens")
         .or_else(|| req.get("max_tokens"))
         .and_then(Value::as_u64);
+    if let Some(limit) = faults.context_limit {
+        let asked = prompt_tokens + max_tokens.unwrap_or(0);
+        if asked > limit {
+            count(None);
+            let msg = format!(
+                "This model's maximum context length is {limit} tokens. However, you requested {asked} tokens ({prompt_tokens} in the messages, {} in the completion). Please reduce the length of the messages or completion.",
+                max_tokens.unwrap_or(0)
+            );
+            return error(
+                StatusCode::BAD_REQUEST,
+                &msg,
+                "invalid_request_error",
+                Some("messages"),
+                Some("context_length_exceeded"),
+                started,
+            );
+        }
+    }
     // Admission: the prompt plus max_tokens, charged up front as OpenAI does.
     let charged = prompt_tokens + max_tokens.unwrap_or(0);
     let (decision, mut limit_headers) = match state.limiter.lock() {
