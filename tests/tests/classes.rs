@@ -39,13 +39,7 @@ fn base(name: &'static str, faults: Faults, class: &'static str, layer: &'static
     }
 }
 
-async fn run(
-    case: Case,
-) -> (
-    TestApp,
-    JobStatus,
-    Vec<AttemptRow>,
-) {
+async fn run(case: Case) -> (TestApp, JobStatus, Vec<AttemptRow>) {
     let app = spawn_app_with(AppOptions {
         mock: MockConfig {
             faults: case.faults.clone(),

@@ -13,12 +13,14 @@
 //! - [`publish`]: events, delay queues and dead letters (publisher confirms).
 //! - [`store`]: the durable record (jobs, attempts, transitions).
 //! - [`api`]: the HTTP API.
+//! - [`dlq`]: list, show and replay dead-lettered jobs.
 //! - [`demo`]: the sample batch the README's first command pushes.
 
 pub mod admission;
 pub mod api;
 pub mod consume;
 pub mod demo;
+pub mod dlq;
 pub mod outcome;
 pub mod provider;
 pub mod publish;

@@ -30,6 +30,11 @@ enum Command {
     Worker,
     /// Serve the HTTP API.
     Api,
+    /// Inspect and replay the dead-letter queue.
+    Dlq {
+        #[command(subcommand)]
+        command: llmq_worker::dlq::Command,
+    },
     /// Push a batch of sample jobs through the API and follow them to the end.
     Demo {
         /// API base URL.
@@ -92,6 +97,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let handle = api::start(&settings, pool, shutdown).await?;
             handle.join.await??;
         }
+        Command::Dlq { command } => llmq_worker::dlq::run(&settings, &pool, command).await?,
         Command::Demo { .. } => {}
     }
     Ok(())
