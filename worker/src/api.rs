@@ -26,6 +26,8 @@ use crate::settings::Settings;
 struct AppState {
     client: Client,
     pool: PgPool,
+    breaker: std::sync::Arc<crate::breaker::Breaker>,
+    providers: std::sync::Arc<Vec<String>>,
 }
 
 /// A running API server.
@@ -54,8 +56,14 @@ pub async fn start(
         .route("/v1/jobs", post(create_job))
         .route("/v1/jobs/{id}", get(get_job))
         .route("/healthz", get(healthz))
+        .route("/v1/circuits", get(circuits))
         .layer(DefaultBodyLimit::max(body_limit))
-        .with_state(AppState { client, pool });
+        .with_state(AppState {
+            client,
+            pool,
+            breaker: std::sync::Arc::new(crate::breaker::Breaker::new(settings)?),
+            providers: std::sync::Arc::new(settings.providers.keys().cloned().collect()),
+        });
     let listener = tokio::net::TcpListener::bind(&settings.api.bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (api.bind): {e}", settings.api.bind))?;
@@ -169,6 +177,15 @@ async fn get_job(
         ApiError::BadRequest("bad_job_id", format!("`{id}` is not a job id (a UUID)"))
     })?;
     Ok(Json(state.client.status(id).await?))
+}
+
+/// `GET /v1/circuits`: the breaker state of every configured provider.
+async fn circuits(State(state): State<AppState>) -> Json<Vec<crate::breaker::CircuitState>> {
+    let mut out = Vec::new();
+    for p in state.providers.iter() {
+        out.push(state.breaker.state(p).await);
+    }
+    Json(out)
 }
 
 async fn healthz(State(state): State<AppState>) -> Response {

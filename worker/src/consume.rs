@@ -25,7 +25,8 @@ use lapin::options::{
 };
 use lapin::types::{AMQPValue, FieldTable};
 use llmq_producer_sdk::{
-    CompletionResult, ErrorSummary, JobEnvelope, JobEvent, JobState, Topology, PROTOCOL_VERSION,
+    CompletionResult, ErrorSummary, JobEnvelope, JobEvent, JobState, Route, Topology,
+    PROTOCOL_VERSION,
 };
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
@@ -34,6 +35,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use crate::admission::{self, Admission, Admit};
+use crate::breaker::{Breaker, Signal};
 use crate::outcome::{classify, ErrorClass, Failure, Outcome};
 use crate::provider::{self, CallError, Provider};
 use crate::publish::{with_header, Publisher};
@@ -86,6 +88,52 @@ pub struct Worker {
     /// Cancelled when the drain deadline passes: store retries give up and hand back.
     hard_stop: CancellationToken,
     admission: Arc<Admission>,
+    breaker: Arc<Breaker>,
+}
+
+/// Which of a job's routes a message is on, and the attempt number where that route
+/// began (each route gets `max_attempts` of its own). Carried in message headers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct RouteCursor {
+    idx: usize,
+    start: u32,
+}
+
+impl RouteCursor {
+    fn of(delivery: &Delivery, routes: usize) -> Self {
+        let get = |name: &str| {
+            delivery
+                .properties
+                .headers()
+                .as_ref()
+                .and_then(|h| h.inner().get(name))
+                .and_then(|v| match v {
+                    AMQPValue::LongUInt(n) => Some(*n),
+                    AMQPValue::LongLongInt(n) => u32::try_from(*n).ok(),
+                    _ => None,
+                })
+        };
+        let idx = usize::try_from(get("x-llmq-route").unwrap_or(0))
+            .unwrap_or(0)
+            .min(routes.saturating_sub(1));
+        Self {
+            idx,
+            start: get("x-llmq-route-start").unwrap_or(0),
+        }
+    }
+
+    fn stamp(self, props: lapin::BasicProperties) -> lapin::BasicProperties {
+        let props = with_header(
+            &props,
+            "x-llmq-route",
+            AMQPValue::LongUInt(u32::try_from(self.idx).unwrap_or(0)),
+        );
+        with_header(
+            &props,
+            "x-llmq-route-start",
+            AMQPValue::LongUInt(self.start),
+        )
+    }
 }
 
 impl Worker {
@@ -148,37 +196,59 @@ impl Worker {
             return Processed::Expired;
         }
 
-        let provider_name = env
-            .route
-            .provider
-            .clone()
-            .unwrap_or_else(|| self.default_provider.clone());
-        let Some(provider) = self.providers.get(&provider_name).cloned() else {
-            let failure = Failure {
-                class: ErrorClass::BadRequest,
-                http_status: None,
-                error_type: None,
-                error_code: Some("unknown_provider".into()),
-                message: format!(
-                    "provider `{provider_name}` is not configured on this worker (have: {})",
-                    self.providers
-                        .keys()
-                        .cloned()
-                        .collect::<Vec<_>>()
-                        .join(", ")
-                ),
-                request_id: None,
+        // Route: the first of the job's routes, from the one this message is on, whose
+        // circuit is closed. No route open: wait for the circuit without spending an attempt.
+        let routes: Vec<Route> = std::iter::once(env.route.clone())
+            .chain(env.fallbacks.iter().cloned())
+            .collect();
+        let mut cursor = RouteCursor::of(&delivery, routes.len());
+        let mut fell_back = false;
+        let (route, provider_name, provider) = loop {
+            let route = routes[cursor.idx].clone();
+            let name = route
+                .provider
+                .clone()
+                .unwrap_or_else(|| self.default_provider.clone());
+            let Some(provider) = self.providers.get(&name).cloned() else {
+                let failure = Failure {
+                    class: ErrorClass::BadRequest,
+                    http_status: None,
+                    error_type: None,
+                    error_code: Some("unknown_provider".into()),
+                    message: format!(
+                        "provider `{name}` is not configured on this worker (have: {})",
+                        self.providers
+                            .keys()
+                            .cloned()
+                            .collect::<Vec<_>>()
+                            .join(", ")
+                    ),
+                    request_id: None,
+                };
+                return self.claim_and_fail(delivery, &env, failure).await;
             };
-            return self.claim_and_fail(delivery, &env, failure).await;
+            match self.breaker.check(&name).await {
+                None => break (route, name, provider),
+                Some(_) if cursor.idx + 1 < routes.len() => {
+                    info!(provider = %name, "circuit open; taking the job's fallback route");
+                    cursor.idx += 1;
+                    fell_back = true;
+                }
+                Some(open_for) => {
+                    return self
+                        .wait_for_circuit(delivery, &env, &name, open_for, cursor)
+                        .await
+                }
+            }
         };
 
         // Budget: reserve (1 request, estimated tokens) of this route's limits, wait for
         // the slot, and make sure no fleet pause began meanwhile.
-        let scope = self.admission.scope(&provider_name, &env.route.model);
+        let scope = self.admission.scope(&provider_name, &route.model);
         let mut reservation = None;
         if let Some(scope) = &scope {
             let prompt =
-                admission::prompt_tokens(provider.kind(), &env.route.model, &env.request.messages);
+                admission::prompt_tokens(provider.kind(), &route.model, &env.request.messages);
             let amounts = scope.demand(prompt, u64::from(env.request.max_tokens.unwrap_or(0)));
             loop {
                 match self.admission.acquire(scope, amounts.clone()).await {
@@ -279,9 +349,12 @@ impl Worker {
             return Processed::Duplicate;
         };
 
+        if fell_back {
+            cursor.start = attempt - 1;
+        }
         let started_at = Utc::now();
         let clock = Instant::now();
-        let result = provider.complete(&env.route.model, &env.request).await;
+        let result = provider.complete(&route.model, &env.request).await;
         let latency_ms = u32::try_from(clock.elapsed().as_millis()).unwrap_or(u32::MAX);
         if let Some(r) = &reservation {
             let n = r.amounts.len();
@@ -310,7 +383,7 @@ impl Worker {
             provider: provider.name().to_owned(),
             base_url_host: provider.host().to_owned(),
             endpoint: provider.endpoint().to_owned(),
-            model: env.route.model.clone(),
+            model: route.model.clone(),
             http_status: None,
             outcome: "succeeded",
             error_class: None,
@@ -324,7 +397,18 @@ impl Worker {
             completion_tokens: None,
         };
 
-        match classify(result) {
+        let outcome = classify(result);
+        self.breaker
+            .record(
+                &provider_name,
+                match &outcome {
+                    Outcome::Succeeded(_) => Signal::Success,
+                    Outcome::RetryAfter(_, f) | Outcome::Fatal(f) => Signal::of(f.class),
+                },
+            )
+            .await;
+        let on_route = attempt - cursor.start;
+        match outcome {
             Outcome::Succeeded(reply) => {
                 evidence.http_status = Some(reply.status);
                 evidence.provider_request_id.clone_from(&reply.request_id);
@@ -367,19 +451,39 @@ impl Worker {
             Outcome::RetryAfter(after, failure)
                 if failure.class == ErrorClass::RateLimited
                     && scope.is_some()
-                    && attempt < env.max_attempts =>
+                    && on_route < env.max_attempts =>
             {
                 if let Some(scope) = &scope {
                     self.admission
                         .pause(scope, after.unwrap_or(Duration::from_secs(1)))
                         .await;
                 }
-                self.retry(delivery, &env, attempt, after, failure, evidence)
+                self.retry(delivery, &env, after, failure, evidence, cursor)
                     .await
             }
-            Outcome::RetryAfter(after, failure) if attempt < env.max_attempts => {
-                self.retry(delivery, &env, attempt, after, failure, evidence)
+            Outcome::RetryAfter(after, failure) if on_route < env.max_attempts => {
+                self.retry(delivery, &env, after, failure, evidence, cursor)
                     .await
+            }
+            Outcome::RetryAfter(_, failure) | Outcome::Fatal(failure)
+                if cursor.idx + 1 < routes.len()
+                    && (failure.class.is_retryable()
+                        || Signal::of(failure.class) == Signal::Fatal) =>
+            {
+                // Retries exhausted on this route, or the route cannot serve: next route.
+                let next = RouteCursor {
+                    idx: cursor.idx + 1,
+                    start: attempt,
+                };
+                self.retry(
+                    delivery,
+                    &env,
+                    Some(Duration::ZERO),
+                    failure,
+                    evidence,
+                    next,
+                )
+                .await
             }
             Outcome::RetryAfter(_, failure) | Outcome::Fatal(failure) => {
                 self.fail(delivery, &env, attempt, failure, Some(evidence))
@@ -392,12 +496,13 @@ impl Worker {
         &self,
         delivery: Delivery,
         env: &JobEnvelope,
-        attempt: u32,
         after: Option<Duration>,
         failure: Failure,
         mut evidence: AttemptRecord,
+        cursor: RouteCursor,
     ) -> Processed {
         let id = env.id;
+        let attempt = evidence.attempt;
         {
             fill_failure(&mut evidence, &failure, "retry");
             let wait = retry::delay(attempt, after, self.retry_base, self.retry_cap);
@@ -426,11 +531,11 @@ impl Worker {
                 delay_s = tier,
                 "attempt failed; retrying later"
             );
-            let props = with_header(
+            let props = cursor.stamp(with_header(
                 &delivery.properties,
                 "x-llmq-attempt",
                 AMQPValue::LongUInt(attempt),
-            );
+            ));
             match self
                 .publisher
                 .retry_later(&delivery.data, props, tier)
@@ -454,6 +559,54 @@ impl Worker {
                 class: failure.class.as_str(),
                 delay_secs: tier,
             }
+        }
+    }
+
+    /// Parks a job whose only remaining route has an open circuit, spending no attempt.
+    async fn wait_for_circuit(
+        &self,
+        delivery: Delivery,
+        env: &JobEnvelope,
+        provider: &str,
+        open_for: Duration,
+        cursor: RouteCursor,
+    ) -> Processed {
+        let tier = Topology::delay_tier(open_for);
+        let message = format!("the circuit of provider `{provider}` is open (it has been failing); next try in {tier} s");
+        let t = Transition {
+            state: JobState::Retrying,
+            attempt: 0,
+            result: None,
+            error: Some(("circuit_open", &message)),
+            evidence: None,
+            detail: Some(
+                serde_json::json!({ "error_class": "circuit_open", "provider": provider, "route": cursor.idx }),
+            ),
+        };
+        if self
+            .durably("record circuit wait", || {
+                store::record(&self.pool, env.id, &t)
+            })
+            .await
+            .is_none()
+        {
+            return Processed::HandedBack;
+        }
+        match self
+            .publisher
+            .retry_later(
+                &delivery.data,
+                cursor.stamp(delivery.properties.clone()),
+                tier,
+            )
+            .await
+        {
+            Ok(()) => ack(&delivery).await,
+            Err(_) => nack(&delivery, true).await,
+        }
+        Processed::Retrying {
+            class: "circuit_open",
+            delay_secs: tier,
         }
     }
 
@@ -654,6 +807,7 @@ pub async fn run(
     }
     let providers = Arc::new(providers);
     let admission = Arc::new(Admission::new(&settings)?);
+    let breaker = Arc::new(Breaker::new(&settings)?);
     tokio::spawn(admission.clone().heartbeat(shutdown.child_token()));
     tokio::spawn(reload_on_sighup(
         settings.source.clone(),
@@ -667,6 +821,7 @@ pub async fn run(
             &pool,
             providers.clone(),
             admission.clone(),
+            breaker.clone(),
             &shutdown,
         )
         .await
@@ -697,6 +852,7 @@ async fn consume_session(
     pool: &PgPool,
     providers: Arc<BTreeMap<String, Arc<dyn Provider>>>,
     admission: Arc<Admission>,
+    breaker: Arc<Breaker>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let topology = Topology::new(settings.queue_prefix.clone());
@@ -718,6 +874,7 @@ async fn consume_session(
         retry_cap: Duration::from_millis(settings.worker.retry_cap_ms),
         hard_stop: hard_stop.clone(),
         admission,
+        breaker,
     });
     let mut consumer = channel
         .basic_consume(

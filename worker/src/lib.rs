@@ -7,6 +7,7 @@
 //! - [`settings`]: one typed settings struct (defaults → file → environment).
 //! - [`consume`]: the worker loop and [`consume::Worker::process_one`].
 //! - [`admission`]: the fleet's shared RPM/TPM budget (Redis, one Lua script).
+//! - [`breaker`]: circuit breakers per provider, shared by the fleet in Redis.
 //! - [`provider`]: one adapter per provider behind one trait.
 //! - [`outcome`]: `classify`, the one map from a provider answer to what happens next.
 //! - [`retry`]: backoff with full jitter, or the provider's Retry-After.
@@ -18,6 +19,7 @@
 
 pub mod admission;
 pub mod api;
+pub mod breaker;
 pub mod consume;
 pub mod demo;
 pub mod dlq;

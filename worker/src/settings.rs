@@ -34,6 +34,8 @@ pub struct Settings {
     pub redis_url: SecretString,
     /// The global RPM/TPM budget.
     pub admission: AdmissionSettings,
+    /// Circuit breakers per provider.
+    pub breaker: crate::breaker::BreakerSettings,
     /// Configured providers by name.
     pub providers: BTreeMap<String, ProviderSettings>,
     /// The file these settings were read from, if any (for reloads).

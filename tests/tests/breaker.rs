@@ -1,0 +1,171 @@
+//! The fleet's circuit breaker opens, probes and closes; a job's fallback route answers
+//! when its primary is down or its circuit is open.
+
+use std::time::Duration;
+
+use llmq_producer_sdk::{ChatMessage, JobState, NewJob, Route};
+use llmq_tests::{redis_url, spawn_app_with, AppOptions};
+use llmq_worker::breaker::{Breaker, Signal};
+use llmq_worker::Settings;
+use secrecy::SecretString;
+use serde_json::Value;
+
+fn breaker_settings() -> Settings {
+    let mut s = Settings::defaults().unwrap();
+    s.redis_url = SecretString::from(redis_url());
+    s.admission.namespace = format!("llmqt-cb-{}", uuid::Uuid::new_v4().simple());
+    s.breaker.min_calls = 4;
+    s.breaker.failure_ratio = 0.5;
+    s.breaker.cooldown_secs = 1;
+    s.breaker.half_open_probes = 2;
+    s.breaker.close_after = 2;
+    s
+}
+
+#[tokio::test]
+async fn opens_on_failure_rate_probes_and_closes() {
+    let b = Breaker::new(&breaker_settings()).unwrap();
+    assert!(b.check("p").await.is_none());
+    b.record("p", Signal::Success).await;
+    b.record("p", Signal::Neutral).await;
+    b.record("p", Signal::Failure).await;
+    b.record("p", Signal::Failure).await;
+    assert_eq!(
+        b.state("p").await.state,
+        "closed",
+        "2 of 3 failed, under min_calls"
+    );
+    b.record("p", Signal::Failure).await;
+    let s = b.state("p").await;
+    assert_eq!(s.state, "open", "3 of 4 calls failed");
+    assert!(b.check("p").await.is_some(), "no calls while open");
+
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(b.check("p").await.is_none(), "probe 1");
+    assert!(b.check("p").await.is_none(), "probe 2");
+    assert!(
+        b.check("p").await.is_some(),
+        "only two probes while half-open"
+    );
+    assert_eq!(b.state("p").await.state, "half_open");
+    b.record("p", Signal::Success).await;
+    b.record("p", Signal::Success).await;
+    assert_eq!(b.state("p").await.state, "closed");
+
+    // Quota exhaustion opens it at once; a failed probe opens it again.
+    b.record("p", Signal::Fatal).await;
+    assert_eq!(b.state("p").await.state, "open");
+}
+
+#[tokio::test]
+async fn a_failed_probe_opens_it_again() {
+    let b = Breaker::new(&breaker_settings()).unwrap();
+    for _ in 0..4 {
+        b.record("q", Signal::Failure).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    assert!(b.check("q").await.is_none());
+    b.record("q", Signal::Failure).await;
+    assert_eq!(b.state("q").await.state, "open");
+}
+
+fn with_dead_primary(s: &mut Settings, _mock: &str) {
+    let mut primary = s.providers["openai"].clone();
+    primary.base_url = "http://127.0.0.1:1/v1".into();
+    s.providers.insert("primary".into(), primary);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fallback_answers_when_the_primary_is_down() {
+    let app = spawn_app_with(AppOptions {
+        configure: Some(with_dead_primary),
+        ..Default::default()
+    })
+    .await;
+    let client = app.client().await;
+    let id = client
+        .enqueue(
+            NewJob::new("acme", "gpt-4o", vec![ChatMessage::user("fall back")])
+                .provider("primary")
+                .fallback(Route {
+                    model: "gpt-4o-mini".into(),
+                    provider: Some("openai".into()),
+                })
+                .max_tokens(8)
+                .max_attempts(2),
+        )
+        .await
+        .unwrap();
+    let s = app
+        .wait_for(id, JobState::Succeeded, Duration::from_secs(30))
+        .await;
+    let r = s.result.unwrap();
+    assert_eq!(
+        (r.provider.as_str(), r.model.as_str()),
+        ("openai", "gpt-4o-mini"),
+        "the record says which route answered"
+    );
+    let attempts: Vec<(String, String, Option<String>)> = sqlx::query_as(
+        "SELECT provider, model, error_class FROM job_attempts WHERE job_id = $1 ORDER BY attempt",
+    )
+    .bind(id.0)
+    .fetch_all(&app.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        attempts,
+        vec![
+            ("primary".into(), "gpt-4o".into(), Some("network".into())),
+            ("primary".into(), "gpt-4o".into(), Some("network".into())),
+            ("openai".into(), "gpt-4o-mini".into(), None),
+        ]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_circuit_sends_jobs_straight_to_the_fallback_and_shows_in_the_api() {
+    let app = spawn_app_with(AppOptions {
+        configure: Some(with_dead_primary),
+        ..Default::default()
+    })
+    .await;
+    let breaker = Breaker::new(&app.settings).unwrap();
+    breaker.record("primary", Signal::Fatal).await;
+    let circuits: Value = reqwest::get(format!("{}/v1/circuits", app.api_url()))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let primary = circuits
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["provider"] == "primary")
+        .unwrap()
+        .clone();
+    assert_eq!(primary["state"], "open", "{circuits}");
+
+    let client = app.client().await;
+    let id = client
+        .enqueue(
+            NewJob::new(
+                "acme",
+                "gpt-4o",
+                vec![ChatMessage::user("skip the open circuit")],
+            )
+            .provider("primary")
+            .fallback(Route {
+                model: "gpt-4o-mini".into(),
+                provider: Some("openai".into()),
+            })
+            .max_tokens(8),
+        )
+        .await
+        .unwrap();
+    let s = app
+        .wait_for(id, JobState::Succeeded, Duration::from_secs(30))
+        .await;
+    assert_eq!(s.attempts, 1, "no call to the open primary");
+    assert_eq!(s.result.unwrap().provider, "openai");
+}
