@@ -15,6 +15,7 @@
 //! - [`store`]: the durable record (jobs, attempts, transitions).
 //! - [`api`]: the HTTP API.
 //! - [`dlq`]: list, show and replay dead-lettered jobs.
+//! - [`doctor`]: the layer-by-layer diagnostic of a provider.
 //! - [`demo`]: the sample batch the README's first command pushes.
 
 pub mod admission;
@@ -23,6 +24,7 @@ pub mod breaker;
 pub mod consume;
 pub mod demo;
 pub mod dlq;
+pub mod doctor;
 pub mod outcome;
 pub mod provider;
 pub mod publish;

@@ -35,6 +35,16 @@ enum Command {
         #[command(subcommand)]
         command: llmq_worker::dlq::Command,
     },
+    /// Diagnose a provider layer by layer (network, identity, quota, rate limit, request,
+    /// upstream) with one minimal request; exits 1 when a layer fails.
+    Doctor {
+        /// Provider name from the settings (default: default_provider).
+        #[arg(long)]
+        provider: Option<String>,
+        /// Model to ask for one token.
+        #[arg(long, default_value = "gpt-4o-mini")]
+        model: String,
+    },
     /// Push a batch of sample jobs through the API and follow them to the end.
     Demo {
         /// API base URL.
@@ -76,6 +86,17 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         return demo::run(api, *jobs, model, Duration::from_secs(*timeout_secs)).await;
     }
     let settings = Settings::load(cli.config.as_deref())?;
+    if let Command::Doctor { provider, model } = &cli.command {
+        let name = provider
+            .clone()
+            .unwrap_or_else(|| settings.default_provider.clone());
+        let report = llmq_worker::doctor::run(&settings, &name, model).await?;
+        print!("{}", report.render());
+        if report.failed().is_some() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
     let pool = connect_db(&settings).await?;
     let shutdown = CancellationToken::new();
     tokio::spawn(signal_shutdown(shutdown.clone()));
@@ -98,7 +119,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             handle.join.await??;
         }
         Command::Dlq { command } => llmq_worker::dlq::run(&settings, &pool, command).await?,
-        Command::Demo { .. } => {}
+        Command::Demo { .. } | Command::Doctor { .. } => {}
     }
     Ok(())
 }
