@@ -160,11 +160,23 @@ pub(crate) async fn chat_completions(
     }
     let mut prompt_tokens = 0;
     let mut last_user = String::new();
-    for m in &messages {
-        let content = m.get("content").and_then(Value::as_str).unwrap_or_default();
-        prompt_tokens += tokens(content) + 4;
-        if m.get("role").and_then(Value::as_str) == Some("user") {
-            content.clone_into(&mut last_user);
+    for (i, m) in messages.iter().enumerate() {
+        let Some(role) = m.get("role").and_then(Value::as_str) else {
+            count(None);
+            let param = format!("messages[{i}].role");
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("Missing required parameter: '{param}'."),
+                "invalid_request_error",
+                Some(&param),
+                Some("missing_required_parameter"),
+                started,
+            );
+        };
+        let content = content_text(m.get("content"));
+        prompt_tokens += tokens(&content) + 4;
+        if role == "user" {
+            last_user = content;
         }
     }
     let max_tokens = req
@@ -271,6 +283,22 @@ pub(crate) async fn chat_completions(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or_default();
+    if req.get("stream").and_then(Value::as_bool) == Some(true) {
+        let include_usage = req
+            .pointer("/stream_options/include_usage")
+            .and_then(Value::as_bool)
+            == Some(true);
+        let body = sse_body(&Completion {
+            model,
+            created,
+            content: &content,
+            cut,
+            usage: include_usage.then_some((prompt_tokens, completion_tokens)),
+        });
+        let mut ok = respond_sse(body, started);
+        extend(&mut ok, limit_headers);
+        return ok;
+    }
     let mut ok = respond(
         StatusCode::OK,
         json!({
@@ -314,4 +342,99 @@ fn dim_words(state: &AppState, dim: Dim) -> (&'static str, u64) {
         Dim::Requests => ("requests per min (RPM)", l.rpm.unwrap_or(0)),
         _ => ("tokens per min (TPM)", l.tpm.unwrap_or(0)),
     }
+}
+
+/// The text of a message's `content`: a string, or the `text` parts of an array.
+fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect(),
+        _ => String::new(),
+    }
+}
+
+/// A finished completion, for the streamed answer.
+struct Completion<'a> {
+    model: &'a str,
+    created: u64,
+    content: &'a str,
+    cut: bool,
+    /// `(prompt, completion)` when `stream_options.include_usage` asked for it.
+    usage: Option<(u64, u64)>,
+}
+
+/// The whole `text/event-stream` body, as OpenAI streams it: a role chunk, one chunk per
+/// word, a chunk with `finish_reason`, the usage chunk (empty `choices`) when asked for,
+/// then `data: [DONE]`.
+fn sse_body(c: &Completion<'_>) -> String {
+    let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
+    let chunk = |delta: Value, finish: Option<&str>| {
+        let mut v = json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": c.created,
+            "model": c.model,
+            "system_fingerprint": "fp_mock",
+            "choices": [{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]
+        });
+        if c.usage.is_some() {
+            v["usage"] = Value::Null;
+        }
+        v
+    };
+    let mut events = vec![chunk(
+        json!({"role": "assistant", "content": "", "refusal": null}),
+        None,
+    )];
+    events.extend(
+        c.content
+            .split_inclusive(' ')
+            .map(|word| chunk(json!({"content": word}), None)),
+    );
+    events.push(chunk(
+        json!({}),
+        Some(if c.cut { "length" } else { "stop" }),
+    ));
+    if let Some((p, k)) = c.usage {
+        events.push(json!({
+            "id": id,
+            "object": "chat.completion.chunk",
+            "created": c.created,
+            "model": c.model,
+            "system_fingerprint": "fp_mock",
+            "choices": [],
+            "usage": {"prompt_tokens": p, "completion_tokens": k, "total_tokens": p + k}
+        }));
+    }
+    let mut body = String::new();
+    for e in events {
+        body.push_str("data: ");
+        body.push_str(&e.to_string());
+        body.push_str("\n\n");
+    }
+    body.push_str("data: [DONE]\n\n");
+    body
+}
+
+fn respond_sse(body: String, started: std::time::Instant) -> Response {
+    let mut resp = Response::new(axum::body::Body::from(body));
+    let h = resp.headers_mut();
+    h.insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    h.insert(
+        axum::http::header::CACHE_CONTROL,
+        HeaderValue::from_static("no-cache"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&request_id()) {
+        h.insert("x-request-id", v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {
+        h.insert("openai-processing-ms", v);
+    }
+    resp
 }

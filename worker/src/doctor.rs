@@ -107,10 +107,15 @@ pub async fn run(settings: &Settings, provider_name: &str, model: &str) -> anyho
     })?;
     let url = reqwest::Url::parse(&p.base_url)?;
     let about = format!(
-        "provider {provider_name} ({:?}) at {} with key {}",
+        "provider {provider_name} ({}) at {} with key {}{}",
         p.kind,
         p.base_url,
-        redact(p.api_key.expose_secret())
+        redact(p.api_key.expose_secret()),
+        if p.proxy.is_some() {
+            " through its proxy"
+        } else {
+            ""
+        }
     );
     let mut checks = Vec::new();
     let not_reached = |from: usize, checks: &mut Vec<Check>| {

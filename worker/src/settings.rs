@@ -145,6 +145,15 @@ pub enum ProviderKind {
     Anthropic,
 }
 
+impl std::fmt::Display for ProviderKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ProviderKind::Openai => "openai",
+            ProviderKind::Anthropic => "anthropic",
+        })
+    }
+}
+
 /// One provider account.
 #[derive(Debug, Clone, Deserialize)]
 pub struct ProviderSettings {
@@ -167,6 +176,10 @@ pub struct ProviderSettings {
     /// Per-model limits.
     #[serde(default)]
     pub model_limits: Vec<ModelRateLimit>,
+    /// Proxy for this provider only (`http://…`, `socks5://…`); without it the standard
+    /// `HTTPS_PROXY` / `HTTP_PROXY` / `ALL_PROXY` / `NO_PROXY` variables apply.
+    #[serde(default)]
+    pub proxy: Option<SecretString>,
     /// Whether the provider gives back reserved tokens a call did not use (OpenAI does
     /// not: it counts max_tokens at admission).
     #[serde(default)]
@@ -331,6 +344,14 @@ impl Settings {
             }
             if p.api_key.expose_secret().trim().is_empty() {
                 return Err(invalid(&format!("providers.{name}.api_key"), "is empty"));
+            }
+            if let Some(proxy) = &p.proxy {
+                if reqwest::Proxy::all(proxy.expose_secret()).is_err() {
+                    return Err(invalid(
+                        &format!("providers.{name}.proxy"),
+                        "is not a proxy URL (value hidden: it may hold a password)",
+                    ));
+                }
             }
             let all = p
                 .rate_limit

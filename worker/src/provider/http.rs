@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use reqwest::header::HeaderMap;
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 
 use super::{request_id, retry_after, transport_error, CallError};
 use crate::settings::ProviderSettings;
@@ -40,10 +40,14 @@ impl HttpAccount {
     /// The account of `s`, calling `path` under its base URL.
     pub fn new(name: &str, s: &ProviderSettings, path: &str) -> anyhow::Result<Self> {
         let base = reqwest::Url::parse(&s.base_url)?;
-        let http = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(s.connect_timeout_ms))
-            .pool_max_idle_per_host(64)
-            .build()?;
+            .pool_max_idle_per_host(64);
+        // Without an override, reqwest honours HTTPS_PROXY / HTTP_PROXY / ALL_PROXY / NO_PROXY.
+        if let Some(proxy) = &s.proxy {
+            builder = builder.proxy(reqwest::Proxy::all(proxy.expose_secret())?);
+        }
+        let http = builder.build()?;
         Ok(Self {
             name: name.to_owned(),
             url: format!("{}{path}", s.base_url.trim_end_matches('/')),
