@@ -78,7 +78,6 @@ else failed+=(redis); fi
 redis_ready && say redis "ok   redis://127.0.0.1:6379"
 
 # --- RabbitMQ ---------------------------------------------------------------------------
-rabbit_ready() { rabbitmq-diagnostics -q check_port_connectivity >/dev/null 2>&1 || rabbitmqctl -q status >/dev/null 2>&1; }
 amqp_port_open() { (exec 3<>/dev/tcp/127.0.0.1/5672) 2>/dev/null; }
 if need rabbitmq-server rabbitmq-server; then
   if ! amqp_port_open; then

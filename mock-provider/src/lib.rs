@@ -2,14 +2,21 @@
 //!
 //! An OpenAI- and Anthropic-compatible LLM server for llmq's tests, demo and benchmarks
 //! (there is no network here). It answers like the real APIs: same bodies, `usage`,
-//! request-id headers, error shapes. Later stages add enforced RPM/TPM limits and fault
-//! injection behind the same handlers.
+//! request-id headers, error shapes, enforced RPM/TPM limits and injected faults.
 //!
 //! ## Layout
-//! - [`MockConfig`]: behaviour (latency, accepted keys).
-//! - `openai`: `POST /v1/chat/completions`.
+//! - [`MockConfig`]: behaviour (latency, accepted keys, limits, faults).
+//! - `openai`: `POST /v1/chat/completions`, also `"stream": true` (SSE chunks, a usage
+//!   chunk with `stream_options.include_usage`, then `data: [DONE]`).
 //! - `anthropic`: `POST /v1/messages`.
-//! - [`Stats`]: what was asked and answered, per key (`GET /_mock/stats`).
+//! - `limits` ([`Limits`]): RPM/TPM per key, with the providers' 429 bodies and headers.
+//! - `faults` ([`Faults`]): 5xx, overload, resets, truncated bodies, stalls, per-key
+//!   quota/auth failures, a context window; changeable at run time (`PUT /_mock/faults`).
+//! - [`Stats`]: what was asked and answered, per key (`GET /_mock/stats`,
+//!   `POST /_mock/reset`).
+//!
+//! Token estimate (`usage`): `ceil(chars / 4)` per message content plus 4 per message for
+//! the prompt; `ceil(chars / 4)`, at least 1, for the completion.
 //!
 //! Replies are deterministic so tests can assert them: the content is
 //! `"mock reply to: <last user message>"`, cut to `max_tokens` tokens.

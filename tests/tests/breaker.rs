@@ -58,6 +58,25 @@ async fn opens_on_failure_rate_probes_and_closes() {
 }
 
 #[tokio::test]
+async fn failures_in_a_row_open_it_after_a_busy_healthy_window() {
+    let mut s = breaker_settings();
+    s.breaker.consecutive_failures = 3;
+    let b = Breaker::new(&s).unwrap();
+    for _ in 0..50 {
+        b.record("r", Signal::Success).await;
+    }
+    b.record("r", Signal::Failure).await;
+    b.record("r", Signal::Failure).await;
+    assert_eq!(b.state("r").await.state, "closed");
+    b.record("r", Signal::Failure).await;
+    assert_eq!(
+        b.state("r").await.state,
+        "open",
+        "3 in a row after 50 successes"
+    );
+}
+
+#[tokio::test]
 async fn a_failed_probe_opens_it_again() {
     let b = Breaker::new(&breaker_settings()).unwrap();
     for _ in 0..4 {

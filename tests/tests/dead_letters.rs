@@ -20,6 +20,8 @@ async fn failed_jobs_are_listed_shown_and_replayed() {
             },
             ..Default::default()
         },
+        // The 401s open the provider's circuit; let it probe again soon after the fix.
+        configure: Some(|s, _| s.breaker.fatal_cooldown_secs = 1),
         ..Default::default()
     })
     .await;

@@ -5,13 +5,14 @@
 -- KEYS[1]  the breaker's hash, e.g. "{llmq:cb:openai}"; fields: state (closed | open |
 --          half_open), open_until (ms), win_start (ms), calls, fails, probes, oks
 -- ARGV     op, window_ms, min_calls, failure_ratio, cooldown_ms, fatal_cooldown_ms,
---          max_probes, close_after [, outcome]
+--          max_probes, close_after, max_consecutive [, outcome]
 --   allow              -> {1, 0, state}            call (in half_open: as a probe)
 --                         {0, retry_in_ms, state}  do not call
 --   record <outcome>   -> {state}   outcome: success | failure | fatal | neutral
 --   state              -> {state, open_ms_left}
 -- closed: failures/calls over the window at or above failure_ratio (with at least
--- min_calls) opens it; fatal (quota, auth) opens it at once for fatal_cooldown.
+-- min_calls), or max_consecutive failures in a row (a sudden outage after a busy,
+-- healthy window), opens it; fatal (quota, auth) opens it at once for fatal_cooldown.
 -- open: no calls until open_until; then half_open lets max_probes calls through;
 -- close_after successes close it, one failure opens it again.
 
@@ -26,6 +27,7 @@ local cooldown = tonumber(ARGV[5])
 local fatal_cooldown = tonumber(ARGV[6])
 local max_probes = tonumber(ARGV[7])
 local close_after = tonumber(ARGV[8])
+local max_consecutive = tonumber(ARGV[9])
 
 local raw = redis.call('HGETALL', key)
 local s = {}
@@ -37,18 +39,19 @@ local calls = tonumber(s.calls or '0')
 local fails = tonumber(s.fails or '0')
 local probes = tonumber(s.probes or '0')
 local oks = tonumber(s.oks or '0')
+local streak = tonumber(s.streak or '0')
 
 local function save()
   redis.call('HSET', key, 'state', state, 'open_until', string.format('%.0f', open_until),
     'win_start', string.format('%.0f', win_start), 'calls', calls, 'fails', fails,
-    'probes', probes, 'oks', oks)
+    'probes', probes, 'oks', oks, 'streak', streak)
   redis.call('PEXPIRE', key, 86400000)
 end
 
 local function open(ms)
   state = 'open'
   open_until = now + ms
-  calls, fails, probes, oks = 0, 0, 0, 0
+  calls, fails, probes, oks, streak = 0, 0, 0, 0, 0
 end
 
 if op == 'allow' then
@@ -70,7 +73,7 @@ if op == 'allow' then
   return {1, 0, state}
 
 elseif op == 'record' then
-  local outcome = ARGV[9]
+  local outcome = ARGV[10]
   if outcome == 'fatal' then
     open(fatal_cooldown)
   elseif state == 'half_open' then
@@ -89,8 +92,13 @@ elseif op == 'record' then
       win_start, calls, fails = now, 0, 0
     end
     if outcome ~= 'neutral' then calls = calls + 1 end
-    if outcome == 'failure' then fails = fails + 1 end
-    if calls >= min_calls and fails / calls >= ratio then
+    if outcome == 'failure' then
+      fails = fails + 1
+      streak = streak + 1
+    elseif outcome == 'success' then
+      streak = 0
+    end
+    if (calls >= min_calls and fails / calls >= ratio) or streak >= max_consecutive then
       open(cooldown)
     end
   end

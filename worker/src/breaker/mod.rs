@@ -25,6 +25,8 @@ pub struct BreakerSettings {
     pub min_calls: u32,
     /// Failure ratio that opens the circuit.
     pub failure_ratio: f64,
+    /// Failures in a row that open it whatever the ratio.
+    pub consecutive_failures: u32,
     /// How long it stays open after failures.
     pub cooldown_secs: u64,
     /// How long it stays open after quota exhaustion or an auth failure.
@@ -124,7 +126,8 @@ impl Breaker {
             .arg(s.cooldown_secs * 1000)
             .arg(s.fatal_cooldown_secs * 1000)
             .arg(s.half_open_probes)
-            .arg(s.close_after);
+            .arg(s.close_after)
+            .arg(s.consecutive_failures);
         if let Some(o) = outcome {
             inv.arg(o);
         }
