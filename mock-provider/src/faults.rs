@@ -31,6 +31,8 @@ pub struct Faults {
     pub quota_keys: Vec<String>,
     /// Keys answered `401`.
     pub unauthorized_keys: Vec<String>,
+    /// Keys answered `403` (no access to the model).
+    pub forbidden_keys: Vec<String>,
     /// Context window: prompt + max_tokens above it is `400 context_length_exceeded`.
     pub context_limit: Option<u64>,
 }
@@ -61,6 +63,22 @@ impl Faults {
                     "Incorrect API key provided.",
                     "invalid_request_error",
                     Some("invalid_api_key"),
+                )
+            }));
+        }
+        if self.forbidden_keys.iter().any(|k| k == key) {
+            return Some(Injected::Answer(if anthropic {
+                anthropic_error(
+                    StatusCode::FORBIDDEN,
+                    "permission_error",
+                    "Your API key does not have permission to use the specified resource.",
+                )
+            } else {
+                openai_error(
+                    StatusCode::FORBIDDEN,
+                    "You are not allowed to sample from this model",
+                    "invalid_request_error",
+                    Some("model_not_allowed"),
                 )
             }));
         }

@@ -57,6 +57,9 @@ struct Cli {
     /// Answer 401 for this key (repeatable).
     #[arg(long = "unauthorized-key")]
     unauthorized_keys: Vec<String>,
+    /// Answer 403 for this key (repeatable).
+    #[arg(long = "forbidden-key")]
+    forbidden_keys: Vec<String>,
     /// Context window: prompt + max_tokens above it is 400 context_length_exceeded.
     #[arg(long)]
     context_limit: Option<u64>,
@@ -83,6 +86,7 @@ async fn main() -> anyhow::Result<()> {
             stall_ms: cli.stall_ms,
             quota_keys: cli.quota_keys.clone(),
             unauthorized_keys: cli.unauthorized_keys.clone(),
+            forbidden_keys: cli.forbidden_keys.clone(),
             context_limit: cli.context_limit,
         },
         limits: (cli.rpm.is_some()

@@ -18,7 +18,7 @@ pub const DELIVERY_LIMIT: i64 = 5;
 /// Retry delay tiers, in seconds. A retry waits in the smallest tier at least as long as
 /// the delay it needs, so a provider's Retry-After is never shortened; each tier is its own
 /// queue with a fixed TTL, so no message waits behind a longer one.
-pub const DELAY_TIERS_SECS: [u64; 8] = [1, 2, 5, 10, 30, 60, 120, 300];
+pub const DELAY_TIERS_SECS: [u64; 10] = [1, 2, 5, 10, 15, 20, 30, 60, 120, 300];
 
 /// Names of the queues and exchanges for one prefix.
 #[derive(Clone, Debug, PartialEq, Eq)]

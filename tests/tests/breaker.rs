@@ -188,3 +188,49 @@ async fn an_open_circuit_sends_jobs_straight_to_the_fallback_and_shows_in_the_ap
     assert_eq!(s.attempts, 1, "no call to the open primary");
     assert_eq!(s.result.unwrap().provider, "openai");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sporadic_failures_from_64_concurrent_callers_never_open_it() {
+    let mut s = Settings::defaults().unwrap();
+    s.redis_url = SecretString::from(redis_url());
+    s.admission.namespace = format!("llmqt-cb-{}", uuid::Uuid::new_v4().simple());
+    let b = std::sync::Arc::new(Breaker::new(&s).unwrap());
+    let mut tasks = Vec::new();
+    for t in 0..64u64 {
+        let b = b.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut x: u64 = 12_345 + t * 7_919;
+            let mut denied = 0;
+            for _ in 0..40 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if b.check("p").await.is_some() {
+                    denied += 1;
+                    continue;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+                b.record(
+                    "p",
+                    if x % 100 < 5 {
+                        Signal::Failure
+                    } else {
+                        Signal::Success
+                    },
+                )
+                .await;
+            }
+            denied
+        }));
+    }
+    let mut denied = 0;
+    for t in tasks {
+        denied += t.await.unwrap();
+    }
+    assert_eq!(
+        denied,
+        0,
+        "5% failures opened the circuit: {:?}",
+        b.state("p").await
+    );
+}

@@ -294,3 +294,38 @@ async fn provider_rate_limit_is_rate_limited_then_succeeds_after_retry_after() {
     );
     assert_eq!(attempts.last().unwrap().0, "succeeded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_is_permission_and_not_retried() {
+    let mut c = base(
+        "403",
+        Faults {
+            forbidden_keys: vec!["sk-test-0123456789abcdef".into()],
+            ..Default::default()
+        },
+        "permission",
+        "identity",
+    );
+    c.max_attempts = 5;
+    c.calls = 1;
+    check(c).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn provider_request_too_large_is_not_retried() {
+    // No llmq budget configured: the provider itself says the request exceeds its TPM.
+    let mut c = base(
+        "too large",
+        Faults::default(),
+        "request_too_large",
+        "request",
+    );
+    c.limits = Some(MockLimits {
+        tpm: Some(100),
+        ..Default::default()
+    });
+    c.max_tokens = 500;
+    c.max_attempts = 5;
+    c.calls = 1;
+    check(c).await;
+}

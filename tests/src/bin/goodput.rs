@@ -149,6 +149,7 @@ async fn run(
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    llmq_worker::telemetry::init();
     let (jobs, outage) = if cli.ci {
         (400, 8)
     } else {
@@ -162,7 +163,7 @@ async fn main() -> anyhow::Result<()> {
     let faulty = run(
         &cli,
         jobs,
-        Some(Duration::from_secs(outage)),
+        (outage > 0).then(|| Duration::from_secs(outage)),
         Faults {
             error_rate: cli.error_rate,
             reset_rate: cli.reset_rate,

@@ -151,11 +151,23 @@ impl Breaker {
 
     /// Records a call's outcome.
     pub async fn record(&self, provider: &str, signal: Signal) {
-        if let Err(e) = self
+        match self
             .eval::<Vec<String>>(provider, "record", Some(signal.as_str()))
             .await
         {
-            warn!(error = %e, provider, "could not record the call in the circuit breaker");
+            Ok(state)
+                if signal != Signal::Success && state.first().is_some_and(|s| s == "open") =>
+            {
+                warn!(
+                    provider,
+                    signal = signal.as_str(),
+                    "circuit open: no calls to this provider until it cools down"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                warn!(error = %e, provider, "could not record the call in the circuit breaker")
+            }
         }
     }
 
