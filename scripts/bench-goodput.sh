@@ -6,4 +6,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh >/dev/null
 cargo build --workspace --bins --quiet
+# Worker logs are noise here; RUST_LOG=info shows every job.
+export RUST_LOG="${RUST_LOG:-error}"
 exec target/debug/goodput "$@"
