@@ -264,6 +264,22 @@ pub(crate) async fn messages(
     let output_tokens = tokens(&content);
     count(Some((input_tokens, output_tokens)));
     let rid = request_id();
+    if req.get("stream").and_then(Value::as_bool) == Some(true) {
+        let plan = crate::stream::Plan {
+            events: sse_events(model, &content, cut, input_tokens, output_tokens),
+            chunk_delay: state.config.chunk_delay,
+            stall: faults.stream_stall(),
+            error_event: faults.stream_error().then(|| {
+                crate::stream::named(
+                    "error",
+                    &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
+                )
+            }),
+        };
+        let mut ok = crate::stream::respond(plan, &rid);
+        ok.headers_mut().extend(limit_headers);
+        return ok;
+    }
     let mut ok = respond(
         StatusCode::OK,
         json!({
@@ -280,6 +296,48 @@ pub(crate) async fn messages(
     );
     ok.headers_mut().extend(limit_headers);
     ok
+}
+
+/// The events of a streamed message, as Anthropic sends them: `message_start` (with the
+/// input usage), a text block of one delta per word with a `ping`, `message_delta` (stop
+/// reason and output usage), `message_stop`.
+fn sse_events(model: &str, content: &str, cut: bool, input: u64, output: u64) -> Vec<String> {
+    use crate::stream::named;
+    let mut events = vec![
+        named(
+            "message_start",
+            &json!({"type": "message_start", "message": {
+                "id": format!("msg_{}", uuid::Uuid::new_v4().simple()),
+                "type": "message", "role": "assistant", "model": model, "content": [],
+                "stop_reason": null, "stop_sequence": null,
+                "usage": {"input_tokens": input, "output_tokens": 1}}}),
+        ),
+        named(
+            "content_block_start",
+            &json!({"type": "content_block_start", "index": 0,
+                "content_block": {"type": "text", "text": ""}}),
+        ),
+        named("ping", &json!({"type": "ping"})),
+    ];
+    events.extend(crate::stream::words(content).map(|w| {
+        named(
+            "content_block_delta",
+            &json!({"type": "content_block_delta", "index": 0,
+                "delta": {"type": "text_delta", "text": w}}),
+        )
+    }));
+    events.push(named(
+        "content_block_stop",
+        &json!({"type": "content_block_stop", "index": 0}),
+    ));
+    events.push(named(
+        "message_delta",
+        &json!({"type": "message_delta",
+            "delta": {"stop_reason": if cut { "max_tokens" } else { "end_turn" }, "stop_sequence": null},
+            "usage": {"output_tokens": output}}),
+    ));
+    events.push(named("message_stop", &json!({"type": "message_stop"})));
+    events
 }
 
 fn dim_name(dim: Dim) -> &'static str {

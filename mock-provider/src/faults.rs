@@ -35,6 +35,14 @@ pub struct Faults {
     pub forbidden_keys: Vec<String>,
     /// Context window: prompt + max_tokens above it is `400 context_length_exceeded`.
     pub context_limit: Option<u64>,
+    /// Fraction of streamed answers that send half the text after their `200`, then an
+    /// error event (OpenAI `server_error`, Anthropic `overloaded_error`) and end.
+    pub stream_error_rate: f64,
+    /// Streamed answers go silent this long after their first chunk (a stalled stream).
+    pub stream_stall_ms: u64,
+    /// Refuse connections for this long: the port is closed (connect gets `ECONNREFUSED`),
+    /// then opens again. A one-shot window, started when set; reads back as 0 after.
+    pub refuse_ms: u64,
 }
 
 /// A failure chosen for one request.
@@ -137,6 +145,16 @@ impl Faults {
             return Some(Injected::Truncate);
         }
         None
+    }
+
+    /// Whether this streamed answer breaks with an error event.
+    pub(crate) fn stream_error(&self) -> bool {
+        self.stream_error_rate > 0.0 && rand::thread_rng().gen::<f64>() < self.stream_error_rate
+    }
+
+    /// The silence after a stream's first chunk, if any.
+    pub(crate) fn stream_stall(&self) -> Option<Duration> {
+        (self.stream_stall_ms > 0).then(|| Duration::from_millis(self.stream_stall_ms))
     }
 
     /// The stall before answering, if any.

@@ -26,6 +26,7 @@ mod faults;
 mod limits;
 mod openai;
 mod stats;
+mod stream;
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -42,8 +43,10 @@ pub use stats::{KeyStats, Stats};
 /// How the mock behaves.
 #[derive(Clone, Debug, Default)]
 pub struct MockConfig {
-    /// Added before every response.
+    /// Added before every response (before the first chunk of a streamed one).
     pub latency: Duration,
+    /// Between the chunks of a streamed answer (one chunk per word).
+    pub chunk_delay: Duration,
     /// Keys accepted; `None` accepts any non-empty key.
     pub accept_keys: Option<Vec<String>>,
     /// Rate limits enforced per key; `None` enforces none.
@@ -70,9 +73,28 @@ pub(crate) struct AppState {
     pub admitted: Arc<Mutex<Vec<Admitted>>>,
     pub started: std::time::Instant,
     pub faults: Arc<std::sync::RwLock<Faults>>,
+    pub refuse: Arc<tokio::sync::Notify>,
+}
+
+/// Replaces the faults; a `refuse_ms` window wakes the serving loop to close the port.
+fn apply_faults(slot: &std::sync::RwLock<Faults>, refuse: &tokio::sync::Notify, faults: Faults) {
+    let window = faults.refuse_ms;
+    if let Ok(mut f) = slot.write() {
+        *f = faults;
+    }
+    if window > 0 {
+        refuse.notify_one();
+    }
 }
 
 impl AppState {
+    /// Takes the pending refusal window (one-shot).
+    fn take_refuse(&self) -> Duration {
+        self.faults.write().map_or(Duration::ZERO, |mut f| {
+            Duration::from_millis(std::mem::take(&mut f.refuse_ms))
+        })
+    }
+
     pub(crate) fn faults(&self) -> Faults {
         self.faults.read().map(|f| f.clone()).unwrap_or_default()
     }
@@ -102,6 +124,7 @@ pub struct MockHandle {
     admitted: Arc<Mutex<Vec<Admitted>>>,
     started: std::time::Instant,
     faults: Arc<std::sync::RwLock<Faults>>,
+    refuse: Arc<tokio::sync::Notify>,
     shutdown: CancellationToken,
 }
 
@@ -121,11 +144,10 @@ impl MockHandle {
         u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
-    /// Replaces the injected faults (takes effect for the next request).
+    /// Replaces the injected faults (takes effect for the next request; a `refuse_ms`
+    /// window closes the port at once).
     pub fn set_faults(&self, faults: Faults) {
-        if let Ok(mut f) = self.faults.write() {
-            *f = faults;
-        }
+        apply_faults(&self.faults, &self.refuse, faults);
     }
 
     /// Every admitted completion so far.
@@ -171,9 +193,7 @@ async fn put_faults(
     Json(faults): Json<Faults>,
 ) -> Json<Faults> {
     tracing::info!(?faults, "faults changed");
-    if let Ok(mut f) = state.faults.write() {
-        *f = faults.clone();
-    }
+    apply_faults(&state.faults, &state.refuse, faults.clone());
     Json(faults)
 }
 
@@ -198,7 +218,9 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
     )));
     let started = std::time::Instant::now();
     let faults = Arc::new(std::sync::RwLock::new(config.faults.clone()));
+    let refuse = Arc::new(tokio::sync::Notify::new());
     let state = AppState {
+        refuse: refuse.clone(),
         faults: faults.clone(),
         config: Arc::new(config),
         stats: stats.clone(),
@@ -207,20 +229,75 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
         started,
     };
     let shutdown = CancellationToken::new();
-    let stop = shutdown.clone();
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, router(state))
-            .with_graceful_shutdown(async move { stop.cancelled().await })
-            .await;
-    });
+    tokio::spawn(serve(listener, addr, state, shutdown.clone()));
     Ok(MockHandle {
         addr,
         stats,
         admitted,
         started,
         faults,
+        refuse,
         shutdown,
     })
+}
+
+/// Serves until `stop`; a refusal window closes the listening socket (in-flight requests
+/// finish, idle keep-alive connections close) and binds the same address again after.
+async fn serve(
+    listener: tokio::net::TcpListener,
+    addr: SocketAddr,
+    state: AppState,
+    stop: CancellationToken,
+) {
+    let mut listener = Some(listener);
+    loop {
+        let l = match listener.take() {
+            Some(l) => l,
+            None => loop {
+                match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => break l,
+                    Err(e) => {
+                        tracing::warn!(%addr, error = %e, "cannot listen again yet");
+                        tokio::select! {
+                            () = stop.cancelled() => return,
+                            () = tokio::time::sleep(Duration::from_millis(50)) => {}
+                        }
+                    }
+                }
+            },
+        };
+        let mut window = state.take_refuse();
+        if window.is_zero() {
+            let cut = CancellationToken::new();
+            let signal = {
+                let (stop, cut, refuse) = (stop.clone(), cut.clone(), state.refuse.clone());
+                async move {
+                    tokio::select! {
+                        () = stop.cancelled() => {}
+                        () = refuse.notified() => {}
+                    }
+                    cut.cancel();
+                }
+            };
+            let server = axum::serve(l, router(state.clone())).with_graceful_shutdown(signal);
+            tokio::select! {
+                _ = server => {}
+                // Connections that outlive a short grace are not waited for.
+                () = async { cut.cancelled().await; tokio::time::sleep(Duration::from_secs(1)).await } => {}
+            }
+            if stop.is_cancelled() {
+                return;
+            }
+            window = state.take_refuse();
+        } else {
+            drop(l);
+        }
+        tracing::info!(ms = window.as_millis() as u64, %addr, "refusing connections");
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(window) => {}
+        }
+    }
 }
 
 /// Token estimate used for `usage`: about 4 characters per token, at least 1.

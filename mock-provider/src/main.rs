@@ -15,6 +15,9 @@ struct Cli {
     /// Latency added to every response, in milliseconds.
     #[arg(long, env = "MOCK_LATENCY_MS", default_value_t = 0)]
     latency_ms: u64,
+    /// Delay between the chunks (words) of a streamed answer, in milliseconds.
+    #[arg(long, env = "MOCK_CHUNK_DELAY_MS", default_value_t = 0)]
+    chunk_delay_ms: u64,
     /// Accept only these API keys (repeatable); any non-empty key otherwise.
     #[arg(long = "accept-key")]
     accept_keys: Vec<String>,
@@ -51,6 +54,15 @@ struct Cli {
     /// Stall every request this long before answering.
     #[arg(long, default_value_t = 0)]
     stall_ms: u64,
+    /// Fraction of streamed answers broken by an error event after their 200.
+    #[arg(long, default_value_t = 0.0)]
+    stream_error_rate: f64,
+    /// Streamed answers go silent this long after their first chunk.
+    #[arg(long, default_value_t = 0)]
+    stream_stall_ms: u64,
+    /// Refuse connections (port closed) for this long after start.
+    #[arg(long, default_value_t = 0)]
+    refuse_ms: u64,
     /// Answer 429 insufficient_quota for this key (repeatable).
     #[arg(long = "quota-key")]
     quota_keys: Vec<String>,
@@ -76,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let config = MockConfig {
         latency: Duration::from_millis(cli.latency_ms),
+        chunk_delay: Duration::from_millis(cli.chunk_delay_ms),
         accept_keys: (!cli.accept_keys.is_empty()).then_some(cli.accept_keys),
         faults: Faults {
             error_rate: cli.error_rate,
@@ -88,6 +101,9 @@ async fn main() -> anyhow::Result<()> {
             unauthorized_keys: cli.unauthorized_keys.clone(),
             forbidden_keys: cli.forbidden_keys.clone(),
             context_limit: cli.context_limit,
+            stream_error_rate: cli.stream_error_rate,
+            stream_stall_ms: cli.stream_stall_ms,
+            refuse_ms: cli.refuse_ms,
         },
         limits: (cli.rpm.is_some()
             || cli.tpm.is_some()

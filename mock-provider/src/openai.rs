@@ -288,14 +288,27 @@ pub(crate) async fn chat_completions(
             .pointer("/stream_options/include_usage")
             .and_then(Value::as_bool)
             == Some(true);
-        let body = sse_body(&Completion {
+        let events = sse_events(&Completion {
             model,
             created,
             content: &content,
             cut,
             usage: include_usage.then_some((prompt_tokens, completion_tokens)),
         });
-        let mut ok = respond_sse(body, started);
+        let plan = crate::stream::Plan {
+            events,
+            chunk_delay: state.config.chunk_delay,
+            stall: faults.stream_stall(),
+            error_event: faults.stream_error().then(|| {
+                crate::stream::data(&json!({"error": {
+                    "message": "The server had an error while processing your request. Sorry about that!",
+                    "type": "server_error", "param": null, "code": null}}))
+            }),
+        };
+        let mut ok = crate::stream::respond(plan, &request_id());
+        if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {
+            ok.headers_mut().insert("openai-processing-ms", v);
+        }
         extend(&mut ok, limit_headers);
         return ok;
     }
@@ -366,10 +379,10 @@ struct Completion<'a> {
     usage: Option<(u64, u64)>,
 }
 
-/// The whole `text/event-stream` body, as OpenAI streams it: a role chunk, one chunk per
+/// The `text/event-stream` events, as OpenAI streams them: a role chunk, one chunk per
 /// word, a chunk with `finish_reason`, the usage chunk (empty `choices`) when asked for,
 /// then `data: [DONE]`.
-fn sse_body(c: &Completion<'_>) -> String {
+fn sse_events(c: &Completion<'_>) -> Vec<String> {
     let id = format!("chatcmpl-{}", uuid::Uuid::new_v4().simple());
     let chunk = |delta: Value, finish: Option<&str>| {
         let mut v = json!({
@@ -389,11 +402,8 @@ fn sse_body(c: &Completion<'_>) -> String {
         json!({"role": "assistant", "content": "", "refusal": null}),
         None,
     )];
-    events.extend(
-        c.content
-            .split_inclusive(' ')
-            .map(|word| chunk(json!({"content": word}), None)),
-    );
+    events
+        .extend(crate::stream::words(c.content).map(|word| chunk(json!({"content": word}), None)));
     events.push(chunk(
         json!({}),
         Some(if c.cut { "length" } else { "stop" }),
@@ -409,32 +419,7 @@ fn sse_body(c: &Completion<'_>) -> String {
             "usage": {"prompt_tokens": p, "completion_tokens": k, "total_tokens": p + k}
         }));
     }
-    let mut body = String::new();
-    for e in events {
-        body.push_str("data: ");
-        body.push_str(&e.to_string());
-        body.push_str("\n\n");
-    }
-    body.push_str("data: [DONE]\n\n");
-    body
-}
-
-fn respond_sse(body: String, started: std::time::Instant) -> Response {
-    let mut resp = Response::new(axum::body::Body::from(body));
-    let h = resp.headers_mut();
-    h.insert(
-        axum::http::header::CONTENT_TYPE,
-        HeaderValue::from_static("text/event-stream; charset=utf-8"),
-    );
-    h.insert(
-        axum::http::header::CACHE_CONTROL,
-        HeaderValue::from_static("no-cache"),
-    );
-    if let Ok(v) = HeaderValue::from_str(&request_id()) {
-        h.insert("x-request-id", v);
-    }
-    if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {
-        h.insert("openai-processing-ms", v);
-    }
-    resp
+    let mut out: Vec<String> = events.iter().map(crate::stream::data).collect();
+    out.push("data: [DONE]\n\n".to_owned());
+    out
 }

@@ -354,7 +354,9 @@ impl Worker {
         }
         let started_at = Utc::now();
         let clock = Instant::now();
-        let result = provider.complete(&route.model, &env.request).await;
+        let result = provider
+            .complete(&route.model, &env.request, &crate::provider::ignore_deltas)
+            .await;
         let latency_ms = u32::try_from(clock.elapsed().as_millis()).unwrap_or(u32::MAX);
         if let Some(r) = &reservation {
             let n = r.amounts.len();

@@ -203,7 +203,11 @@ pub async fn run(settings: &Settings, provider_name: &str, model: &str) -> anyho
         extra: serde_json::Map::new(),
     };
     let t = Instant::now();
-    let outcome = classify(adapter.complete(model, &request).await);
+    let outcome = classify(
+        adapter
+            .complete(model, &request, &crate::provider::ignore_deltas)
+            .await,
+    );
     let ms = t.elapsed().as_millis();
     let net = format!("{dns}; {tcp}{tls}");
     match outcome {

@@ -151,11 +151,12 @@ pub fn classify(result: Result<ProviderReply, CallError>) -> Outcome {
         Err(CallError::Decode {
             status,
             message,
+            error_type,
             request_id,
         }) => Failure {
             class: ErrorClass::Upstream,
             http_status: Some(status),
-            error_type: None,
+            error_type,
             error_code: None,
             message,
             request_id,
@@ -338,7 +339,18 @@ mod tests {
                 Err(CallError::Decode {
                     status: 200,
                     message: "EOF while parsing".into(),
+                    error_type: None,
                     request_id: None,
+                }),
+                ErrorClass::Upstream,
+                true,
+            ),
+            (
+                Err(CallError::Decode {
+                    status: 200,
+                    message: "error event after the 200: Overloaded".into(),
+                    error_type: Some("overloaded_error".into()),
+                    request_id: Some("req_1".into()),
                 }),
                 ErrorClass::Upstream,
                 true,

@@ -169,6 +169,12 @@ pub struct ProviderSettings {
     pub timeout_base_secs: u64,
     /// Read timeout: per 1,000 requested output tokens.
     pub timeout_per_1k_tokens_secs: u64,
+    /// Ask for streamed answers (the text is relayed as it is generated).
+    #[serde(default = "yes")]
+    pub stream: bool,
+    /// A streamed answer silent this long between chunks is abandoned as a timeout.
+    #[serde(default = "default_stall_secs")]
+    pub stall_timeout_secs: u64,
     /// Limits of this account for every model (unless `model_limits` names it); none =
     /// no budget enforced for this provider.
     #[serde(default)]
@@ -184,6 +190,14 @@ pub struct ProviderSettings {
     /// not: it counts max_tokens at admission).
     #[serde(default)]
     pub refund_unused: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn default_stall_secs() -> u64 {
+    30
 }
 
 impl ProviderSettings {

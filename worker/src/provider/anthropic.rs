@@ -6,8 +6,8 @@ use secrecy::ExposeSecret;
 use serde::Deserialize;
 use serde_json::{json, Value};
 
-use super::http::HttpAccount;
-use super::{CallError, Provider, ProviderReply, Remaining};
+use super::http::{Answer, HttpAccount, Opened, Streamed};
+use super::{CallError, Deltas, Provider, ProviderReply, Remaining};
 use crate::settings::{ProviderKind, ProviderSettings};
 
 /// The API version llmq speaks.
@@ -104,49 +104,159 @@ impl Provider for Anthropic {
         &'a self,
         model: &'a str,
         request: &'a ChatRequest,
+        deltas: &'a Deltas,
     ) -> BoxFuture<'a, Result<ProviderReply, CallError>> {
         Box::pin(async move {
             let a = &self.account;
-            let answer = a
-                .send(
+            let mut wire = body(model, request);
+            if a.stream {
+                if let Some(obj) = wire.as_object_mut() {
+                    obj.insert("stream".into(), true.into());
+                }
+            }
+            let opened = a
+                .open(
                     a.post(request.max_tokens.unwrap_or(1024))
                         .header("x-api-key", a.api_key.expose_secret())
                         .header("anthropic-version", ANTHROPIC_VERSION)
-                        .json(&body(model, request)),
+                        .json(&wire),
                 )
                 .await?;
-            let (status, headers, bytes, rid) = (
-                answer.status,
-                answer.headers,
-                answer.body,
-                answer.request_id,
-            );
-            let parsed: Message =
-                serde_json::from_slice(&bytes).map_err(|e| CallError::Decode {
-                    status,
-                    message: format!("response is not an Anthropic message: {e}"),
-                    request_id: rid.clone(),
-                })?;
-            let content: String = parsed.content.into_iter().filter_map(|b| b.text).collect();
-            let finish_reason = parsed.stop_reason.map(|r| match r.as_str() {
-                "end_turn" | "stop_sequence" => "stop".to_owned(),
-                "max_tokens" => "length".to_owned(),
-                _ => r,
-            });
-            let u = parsed.usage;
-            Ok(ProviderReply {
-                content,
-                finish_reason,
-                model: parsed.model,
-                request_id: rid,
-                usage: Usage {
-                    prompt_tokens: u.input_tokens,
-                    completion_tokens: u.output_tokens,
-                    total_tokens: u.input_tokens + u.output_tokens,
-                },
-                status,
-                remaining: Remaining::from_headers(&headers),
-            })
+            match opened {
+                Opened::Whole(answer) => whole(answer),
+                Opened::Stream(stream) => streamed(stream, model, deltas).await,
+            }
         })
     }
+}
+
+fn stop_reason(r: String) -> String {
+    match r.as_str() {
+        "end_turn" | "stop_sequence" => "stop".to_owned(),
+        "max_tokens" => "length".to_owned(),
+        _ => r,
+    }
+}
+
+fn whole(answer: Answer) -> Result<ProviderReply, CallError> {
+    let (status, headers, bytes, rid) = (
+        answer.status,
+        answer.headers,
+        answer.body,
+        answer.request_id,
+    );
+    let parsed: Message = serde_json::from_slice(&bytes).map_err(|e| CallError::Decode {
+        status,
+        message: format!("response is not an Anthropic message: {e}"),
+        error_type: None,
+        request_id: rid.clone(),
+    })?;
+    let content: String = parsed.content.into_iter().filter_map(|b| b.text).collect();
+    let u = parsed.usage;
+    Ok(ProviderReply {
+        content,
+        finish_reason: parsed.stop_reason.map(stop_reason),
+        model: parsed.model,
+        request_id: rid,
+        usage: Usage {
+            prompt_tokens: u.input_tokens,
+            completion_tokens: u.output_tokens,
+            total_tokens: u.input_tokens + u.output_tokens,
+        },
+        status,
+        remaining: Remaining::from_headers(&headers),
+    })
+}
+
+/// Reads the typed events until `message_stop`; an `error` event after the 200, or an
+/// end without `message_stop`, is an upstream failure.
+async fn streamed(
+    mut s: Streamed,
+    model: &str,
+    deltas: &Deltas,
+) -> Result<ProviderReply, CallError> {
+    let mut content = String::new();
+    let mut finish_reason = None;
+    let (mut input, mut output) = (0u64, 0u64);
+    let mut answered_model = None;
+    loop {
+        let Some(event) = s.next().await? else {
+            return Err(s.broken(
+                format!(
+                    "stream ended before message_stop after {} characters (truncated)",
+                    content.len()
+                ),
+                None,
+            ));
+        };
+        if event.data.trim().is_empty() {
+            continue;
+        }
+        let v: Value = serde_json::from_str(&event.data)
+            .map_err(|e| s.broken(format!("stream event is not JSON: {e}"), None))?;
+        let kind = v
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or(&event.event);
+        match kind {
+            "message_start" => {
+                let m = v.get("message");
+                answered_model = m
+                    .and_then(|m| m.get("model"))
+                    .and_then(Value::as_str)
+                    .map(str::to_owned);
+                let u = m.and_then(|m| m.get("usage"));
+                input = u
+                    .and_then(|u| u.get("input_tokens"))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+                output = u
+                    .and_then(|u| u.get("output_tokens"))
+                    .and_then(Value::as_u64)
+                    .unwrap_or(0);
+            }
+            "content_block_delta" => {
+                if let Some(text) = v.pointer("/delta/text").and_then(Value::as_str) {
+                    if !text.is_empty() {
+                        deltas(text);
+                        content.push_str(text);
+                    }
+                }
+            }
+            "message_delta" => {
+                if let Some(r) = v.pointer("/delta/stop_reason").and_then(Value::as_str) {
+                    finish_reason = Some(stop_reason(r.to_owned()));
+                }
+                if let Some(n) = v.pointer("/usage/output_tokens").and_then(Value::as_u64) {
+                    output = n;
+                }
+            }
+            "message_stop" => break,
+            "error" => {
+                let t = v.pointer("/error/type").and_then(Value::as_str);
+                let msg = v
+                    .pointer("/error/message")
+                    .and_then(Value::as_str)
+                    .unwrap_or("");
+                return Err(s.broken(
+                    format!("error event after the 200: {msg}"),
+                    t.map(str::to_owned),
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(ProviderReply {
+        content,
+        finish_reason,
+        model: answered_model.unwrap_or_else(|| model.to_owned()),
+        request_id: s.request_id.clone(),
+        usage: Usage {
+            prompt_tokens: input,
+            completion_tokens: output,
+            total_tokens: input + output,
+        },
+        status: s.status,
+        remaining: Remaining::from_headers(&s.headers),
+    })
 }

@@ -1,8 +1,11 @@
 //! What every HTTP provider adapter shares: the client with its timeouts, the account's
 //! identity, and turning a response into bytes or a [`CallError`] with its evidence.
 
+use std::pin::Pin;
 use std::time::Duration;
 
+use eventsource_stream::{Event, EventStreamError, Eventsource};
+use futures_util::{Stream, StreamExt};
 use reqwest::header::HeaderMap;
 use secrecy::{ExposeSecret, SecretString};
 
@@ -22,6 +25,9 @@ pub struct HttpAccount {
     http: reqwest::Client,
     timeout_base: Duration,
     timeout_per_1k: Duration,
+    /// Streamed answers: whether to ask for them, and the longest silence between chunks.
+    pub stream: bool,
+    stall: Duration,
 }
 
 /// A successful (2xx) answer.
@@ -56,6 +62,8 @@ impl HttpAccount {
             http,
             timeout_base: Duration::from_secs(s.timeout_base_secs),
             timeout_per_1k: Duration::from_secs(s.timeout_per_1k_tokens_secs),
+            stream: s.stream,
+            stall: Duration::from_secs(s.stall_timeout_secs.max(1)),
         })
     }
 
@@ -66,12 +74,26 @@ impl HttpAccount {
         self.http.post(&self.url).timeout(timeout)
     }
 
-    /// Sends, reads the whole body, and maps transport errors and non-2xx statuses.
-    pub async fn send(&self, request: reqwest::RequestBuilder) -> Result<Answer, CallError> {
+    /// Sends; a `text/event-stream` answer comes back unread as [`Opened::Stream`], any
+    /// other is read whole. Transport errors and non-2xx statuses are mapped.
+    pub async fn open(&self, request: reqwest::RequestBuilder) -> Result<Opened, CallError> {
         let resp = request.send().await.map_err(transport_error)?;
         let status = resp.status().as_u16();
         let headers = resp.headers().clone();
         let rid = request_id(&headers);
+        let is_stream = headers
+            .get(reqwest::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        if is_stream && (200..300).contains(&status) {
+            return Ok(Opened::Stream(Streamed {
+                status,
+                headers,
+                request_id: rid,
+                events: Box::pin(resp.bytes_stream().eventsource()),
+                stall: self.stall,
+            }));
+        }
         let body = resp.bytes().await.map_err(transport_error)?;
         if !(200..300).contains(&status) {
             let mut text = String::from_utf8_lossy(&body).into_owned();
@@ -83,11 +105,60 @@ impl HttpAccount {
                 request_id: rid,
             });
         }
-        Ok(Answer {
+        Ok(Opened::Whole(Answer {
             status,
             headers,
             body,
             request_id: rid,
-        })
+        }))
+    }
+}
+
+/// A 2xx answer: read whole, or an event stream still arriving.
+pub enum Opened {
+    /// JSON body.
+    Whole(Answer),
+    /// Server-sent events.
+    Stream(Streamed),
+}
+
+type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
+
+/// A streamed 2xx answer, read event by event with stall detection.
+pub struct Streamed {
+    /// HTTP status.
+    pub status: u16,
+    /// Response headers.
+    pub headers: HeaderMap,
+    /// Provider request id.
+    pub request_id: Option<String>,
+    events: Events,
+    stall: Duration,
+}
+
+impl Streamed {
+    /// The next event; `None` at the end of the stream. Silence longer than the stall
+    /// timeout is a [`CallError::Timeout`]; a broken connection a transport error.
+    pub async fn next(&mut self) -> Result<Option<Event>, CallError> {
+        match tokio::time::timeout(self.stall, self.events.next()).await {
+            Err(_) => Err(CallError::Timeout(format!(
+                "stream stalled: no data for {} s after the 200",
+                self.stall.as_secs()
+            ))),
+            Ok(None) => Ok(None),
+            Ok(Some(Ok(event))) => Ok(Some(event)),
+            Ok(Some(Err(EventStreamError::Transport(e)))) => Err(transport_error(e)),
+            Ok(Some(Err(e))) => Err(self.broken(format!("malformed event stream: {e}"), None)),
+        }
+    }
+
+    /// A stream that produced no completion: upstream's fault, with this answer's evidence.
+    pub fn broken(&self, message: String, error_type: Option<String>) -> CallError {
+        CallError::Decode {
+            status: self.status,
+            message,
+            error_type,
+            request_id: self.request_id.clone(),
+        }
     }
 }

@@ -107,6 +107,8 @@ pub enum CallError {
         status: u16,
         /// What was wrong.
         message: String,
+        /// The error event's type, when the stream sent one.
+        error_type: Option<String>,
         /// Provider request id.
         request_id: Option<String>,
     },
@@ -122,13 +124,21 @@ pub trait Provider: Send + Sync {
     fn host(&self) -> &str;
     /// Endpoint path called, for evidence.
     fn endpoint(&self) -> &'static str;
-    /// Makes the call.
+    /// Makes the call; when the answer is streamed, each piece of text is handed to
+    /// `deltas` as it arrives (their concatenation is the reply's content).
     fn complete<'a>(
         &'a self,
         model: &'a str,
         request: &'a ChatRequest,
+        deltas: &'a Deltas,
     ) -> BoxFuture<'a, Result<ProviderReply, CallError>>;
 }
+
+/// Receives the text of a streamed answer as it is generated.
+pub type Deltas = dyn Fn(&str) + Send + Sync;
+
+/// A [`Deltas`] that drops the text.
+pub fn ignore_deltas(_: &str) {}
 
 /// Builds the adapter a provider's settings describe.
 pub fn build(name: &str, settings: &ProviderSettings) -> anyhow::Result<Arc<dyn Provider>> {
