@@ -89,6 +89,7 @@ pub struct Worker {
     hard_stop: CancellationToken,
     admission: Arc<Admission>,
     breaker: Arc<Breaker>,
+    live: crate::live::LiveText,
 }
 
 /// Which of a job's routes a message is on, and the attempt number where that route
@@ -307,6 +308,7 @@ impl Worker {
                                     .await;
                                 return Processed::HandedBack;
                             }
+                            self.emit_progress(&env, JobState::WaitingBudget, 0);
                             tokio::select! {
                                 () = self.hard_stop.cancelled() => {
                                     self.admission.settle(id, 0, &r, &vec![0; r.amounts.len()], &[]).await;
@@ -354,9 +356,14 @@ impl Worker {
         }
         let started_at = Utc::now();
         let clock = Instant::now();
+        self.emit_progress(&env, JobState::Running, attempt);
+        // The text is relayed as it is written; all of it is out before the outcome is
+        // recorded, so a reader that sees the outcome has seen the whole text.
+        let relay = self.live.relay(id.0, attempt);
         let result = provider
-            .complete(&route.model, &env.request, &crate::provider::ignore_deltas)
+            .complete(&route.model, &env.request, &|t: &str| relay.push(t))
             .await;
+        relay.finish().await;
         let latency_ms = u32::try_from(clock.elapsed().as_millis()).unwrap_or(u32::MAX);
         if let Some(r) = &reservation {
             let n = r.amounts.len();
@@ -742,6 +749,27 @@ impl Worker {
         }
     }
 
+    /// Publishes a non-terminal transition without waiting for the broker's confirm (the
+    /// record in PostgreSQL is what counts; this is a courtesy to listeners).
+    fn emit_progress(&self, env: &JobEnvelope, state: JobState, attempt: u32) {
+        let event = JobEvent {
+            version: PROTOCOL_VERSION,
+            job_id: env.id,
+            tenant: env.tenant.clone(),
+            state,
+            at: Utc::now(),
+            attempt,
+            result: None,
+            error: None,
+        };
+        let publisher = self.publisher.clone();
+        tokio::spawn(async move {
+            if let Err(e) = publisher.event(&event).await {
+                tracing::debug!(error = %e, "could not publish a progress event");
+            }
+        });
+    }
+
     /// Runs a store step until it succeeds, or returns `None` once the drain deadline passed.
     async fn durably<T, F, Fut>(&self, what: &str, mut op: F) -> Option<T>
     where
@@ -877,6 +905,7 @@ async fn consume_session(
         hard_stop: hard_stop.clone(),
         admission,
         breaker,
+        live: crate::live::LiveText::new(settings)?,
     });
     let mut consumer = channel
         .basic_consume(

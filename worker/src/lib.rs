@@ -25,6 +25,7 @@ pub mod consume;
 pub mod demo;
 pub mod dlq;
 pub mod doctor;
+pub mod live;
 pub mod outcome;
 pub mod provider;
 pub mod publish;

@@ -104,7 +104,7 @@ impl Provider for Anthropic {
         &'a self,
         model: &'a str,
         request: &'a ChatRequest,
-        deltas: &'a Deltas,
+        deltas: &'a Deltas<'a>,
     ) -> BoxFuture<'a, Result<ProviderReply, CallError>> {
         Box::pin(async move {
             let a = &self.account;
@@ -173,7 +173,7 @@ fn whole(answer: Answer) -> Result<ProviderReply, CallError> {
 async fn streamed(
     mut s: Streamed,
     model: &str,
-    deltas: &Deltas,
+    deltas: &Deltas<'_>,
 ) -> Result<ProviderReply, CallError> {
     let mut content = String::new();
     let mut finish_reason = None;

@@ -130,12 +130,12 @@ pub trait Provider: Send + Sync {
         &'a self,
         model: &'a str,
         request: &'a ChatRequest,
-        deltas: &'a Deltas,
+        deltas: &'a Deltas<'a>,
     ) -> BoxFuture<'a, Result<ProviderReply, CallError>>;
 }
 
 /// Receives the text of a streamed answer as it is generated.
-pub type Deltas = dyn Fn(&str) + Send + Sync;
+pub type Deltas<'a> = dyn Fn(&str) + Send + Sync + 'a;
 
 /// A [`Deltas`] that drops the text.
 pub fn ignore_deltas(_: &str) {}

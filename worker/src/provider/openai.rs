@@ -71,7 +71,7 @@ impl Provider for OpenAi {
         &'a self,
         model: &'a str,
         request: &'a ChatRequest,
-        deltas: &'a Deltas,
+        deltas: &'a Deltas<'a>,
     ) -> BoxFuture<'a, Result<ProviderReply, CallError>> {
         Box::pin(async move {
             let mut body =
@@ -162,7 +162,7 @@ struct Delta {
 async fn streamed(
     mut s: Streamed,
     model: &str,
-    deltas: &Deltas,
+    deltas: &Deltas<'_>,
 ) -> Result<ProviderReply, CallError> {
     let mut content = String::new();
     let mut finish_reason = None;

@@ -22,8 +22,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;
 
+mod events;
+
 #[derive(Clone)]
 struct AppState {
+    hub: crate::live::Hub,
     client: Client,
     pool: PgPool,
     breaker: std::sync::Arc<crate::breaker::Breaker>,
@@ -55,10 +58,12 @@ pub async fn start(
     let app = Router::new()
         .route("/v1/jobs", post(create_job))
         .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/healthz", get(healthz))
         .route("/v1/circuits", get(circuits))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(AppState {
+            hub: crate::live::Hub::start(settings, shutdown.clone())?,
             client,
             pool,
             breaker: std::sync::Arc::new(crate::breaker::Breaker::new(settings)?),
@@ -169,13 +174,26 @@ async fn create_job(
     ))
 }
 
+fn parse_id(id: &str) -> Result<JobId, ApiError> {
+    id.parse()
+        .map_err(|_| ApiError::BadRequest("bad_job_id", format!("`{id}` is not a job id (a UUID)")))
+}
+
+/// The job's tenant; `NotFound` when there is no such job.
+async fn job_tenant(state: &AppState, id: JobId) -> Result<String, ApiError> {
+    sqlx::query_scalar("SELECT tenant FROM jobs WHERE id = $1")
+        .bind(id.0)
+        .fetch_optional(&state.pool)
+        .await
+        .map_err(|e| ApiError::Unavailable(format!("database: {e}; try again")))?
+        .ok_or(ApiError::NotFound(id))
+}
+
 async fn get_job(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
-    let id: JobId = id.parse().map_err(|_| {
-        ApiError::BadRequest("bad_job_id", format!("`{id}` is not a job id (a UUID)"))
-    })?;
+    let id = parse_id(&id)?;
     Ok(Json(state.client.status(id).await?))
 }
 

@@ -1,0 +1,333 @@
+//! The live side of a job: the text a model is writing, while it writes it.
+//!
+//! The worker's [`Relay`] collects the deltas of one attempt and, every
+//! [`FLUSH_EVERY`], appends them to a Redis string `<ns>:text:<job>:<attempt>` (kept an
+//! hour) and publishes the job id on `<ns>:live`, in one pipelined round trip. The API's
+//! [`Hub`] turns those notices, and the job events on the broker, into wake-ups for the
+//! SSE streams that follow a job; each stream then reads what is new (transitions from
+//! PostgreSQL, text from Redis by byte offset), so a reconnect with `Last-Event-ID`
+//! resumes exactly where it left off. Redis being down costs the live text, never the
+//! result: the final answer is always in the job's record.
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use secrecy::ExposeSecret;
+use tokio::sync::broadcast;
+use tokio_util::sync::CancellationToken;
+use uuid::Uuid;
+
+use crate::settings::Settings;
+
+/// How often a relay writes what it collected.
+pub const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// How long the text of an attempt is kept after its last write.
+const TEXT_TTL_MS: u64 = 3_600_000;
+
+/// Redis key of the text of `job`'s `attempt`.
+pub fn text_key(namespace: &str, job: Uuid, attempt: u32) -> String {
+    format!("{namespace}:text:{job}:{attempt}")
+}
+
+/// Redis channel carrying the ids of jobs with new text.
+pub fn channel(namespace: &str) -> String {
+    format!("{namespace}:live")
+}
+
+fn pool(settings: &Settings) -> anyhow::Result<deadpool_redis::Pool> {
+    let mut cfg = deadpool_redis::Config::from_url(settings.redis_url.expose_secret());
+    cfg.pool = Some(deadpool_redis::PoolConfig::new(
+        usize::from(settings.worker.concurrency).clamp(4, 64),
+    ));
+    cfg.create_pool(Some(deadpool_redis::Runtime::Tokio1))
+        .map_err(|e| anyhow::anyhow!("redis_url is not usable: {e}"))
+}
+
+/// Where workers write live text.
+#[derive(Clone)]
+pub struct LiveText {
+    pool: deadpool_redis::Pool,
+    namespace: String,
+}
+
+impl LiveText {
+    /// From the settings' Redis URL and admission namespace.
+    pub fn new(settings: &Settings) -> anyhow::Result<Self> {
+        Ok(Self {
+            pool: pool(settings)?,
+            namespace: settings.admission.namespace.clone(),
+        })
+    }
+
+    /// A relay for one attempt of `job`.
+    pub fn relay(&self, job: Uuid, attempt: u32) -> Relay {
+        let pending = Arc::new(Mutex::new(String::new()));
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(flush_loop(
+            self.clone(),
+            text_key(&self.namespace, job, attempt),
+            job,
+            pending.clone(),
+            stop.clone(),
+        ));
+        Relay {
+            pending,
+            stop,
+            task: Some(task),
+        }
+    }
+
+    async fn write(&self, key: &str, job: Uuid, text: &str) -> bool {
+        let write = async {
+            let mut conn = self.pool.get().await.ok()?;
+            redis::pipe()
+                .append(key, text)
+                .ignore()
+                .pexpire(key, i64::try_from(TEXT_TTL_MS).unwrap_or(i64::MAX))
+                .ignore()
+                .publish(channel(&self.namespace), job.to_string())
+                .ignore()
+                .query_async::<()>(&mut *conn)
+                .await
+                .ok()
+        };
+        matches!(
+            tokio::time::timeout(Duration::from_millis(500), write).await,
+            Ok(Some(()))
+        )
+    }
+}
+
+async fn flush_loop(
+    live: LiveText,
+    key: String,
+    job: Uuid,
+    pending: Arc<Mutex<String>>,
+    stop: CancellationToken,
+) {
+    let mut warned = false;
+    loop {
+        let stopping = tokio::select! {
+            () = stop.cancelled() => true,
+            () = tokio::time::sleep(FLUSH_EVERY) => false,
+        };
+        let chunk = match pending.lock() {
+            Ok(mut p) => std::mem::take(&mut *p),
+            Err(_) => String::new(),
+        };
+        {
+            if !chunk.is_empty() && !live.write(&key, job, &chunk).await {
+                if !warned {
+                    tracing::warn!(
+                        "live text not written (Redis unreachable); the result is unaffected"
+                    );
+                    warned = true;
+                }
+                // Keep it for the next flush, in front of what arrived since.
+                if let Ok(mut p) = pending.lock() {
+                    p.insert_str(0, &chunk);
+                }
+                if stopping {
+                    return;
+                }
+            }
+        }
+        if stopping {
+            return;
+        }
+    }
+}
+
+/// Collects one attempt's text and writes it in the background.
+pub struct Relay {
+    pending: Arc<Mutex<String>>,
+    stop: CancellationToken,
+    task: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Takes a piece of generated text (cheap: a buffer append).
+    pub fn push(&self, text: &str) {
+        if let Ok(mut p) = self.pending.lock() {
+            p.push_str(text);
+        }
+    }
+
+    /// Writes what is left and stops; call before the attempt's outcome is recorded, so a
+    /// reader that sees the outcome finds the whole text.
+    pub async fn finish(mut self) {
+        self.stop.cancel();
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Wakes the streams following a job when something about it changed.
+#[derive(Clone)]
+pub struct Hub {
+    tx: broadcast::Sender<Uuid>,
+    pool: deadpool_redis::Pool,
+    namespace: String,
+}
+
+impl Hub {
+    /// Starts listening on Redis (`<ns>:live`) and on the broker's events exchange until
+    /// `shutdown`. Either may be down: streams also re-check every second.
+    pub fn start(settings: &Settings, shutdown: CancellationToken) -> anyhow::Result<Self> {
+        let (tx, _) = broadcast::channel(4096);
+        let hub = Self {
+            tx,
+            pool: pool(settings)?,
+            namespace: settings.admission.namespace.clone(),
+        };
+        tokio::spawn(listen_redis(
+            settings.redis_url.expose_secret().to_owned(),
+            channel(&hub.namespace),
+            hub.tx.clone(),
+            shutdown.clone(),
+        ));
+        tokio::spawn(listen_broker(
+            settings.amqp_url.expose_secret().to_owned(),
+            llmq_producer_sdk::Topology::new(settings.queue_prefix.clone()),
+            hub.tx.clone(),
+            shutdown,
+        ));
+        Ok(hub)
+    }
+
+    /// A receiver of job ids with news.
+    pub fn subscribe(&self) -> broadcast::Receiver<Uuid> {
+        self.tx.subscribe()
+    }
+
+    /// Wakes the followers of `job` (after a change made by this process).
+    pub fn poke(&self, job: Uuid) {
+        let _ = self.tx.send(job);
+    }
+
+    /// The text of `job`'s `attempt` from byte `offset` on (empty when none or Redis is
+    /// unreachable).
+    pub async fn text_from(&self, job: Uuid, attempt: u32, offset: usize) -> String {
+        let read = async {
+            let mut conn = self.pool.get().await.ok()?;
+            let end = -1isize;
+            redis::cmd("GETRANGE")
+                .arg(text_key(&self.namespace, job, attempt))
+                .arg(offset)
+                .arg(end)
+                .query_async::<Vec<u8>>(&mut *conn)
+                .await
+                .ok()
+        };
+        match tokio::time::timeout(Duration::from_millis(500), read).await {
+            Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
+            _ => String::new(),
+        }
+    }
+}
+
+async fn listen_redis(
+    url: String,
+    channel: String,
+    tx: broadcast::Sender<Uuid>,
+    shutdown: CancellationToken,
+) {
+    use futures_util::StreamExt;
+    while !shutdown.is_cancelled() {
+        let session = async {
+            let client = redis::Client::open(url.as_str())?;
+            let mut pubsub = client.get_async_pubsub().await?;
+            pubsub.subscribe(&channel).await?;
+            let mut messages = pubsub.on_message();
+            while let Some(msg) = messages.next().await {
+                if let Ok(Ok(id)) = msg.get_payload::<String>().map(|p| p.parse::<Uuid>()) {
+                    let _ = tx.send(id);
+                }
+            }
+            Ok::<_, redis::RedisError>(())
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = session => if let Err(e) = r {
+                tracing::debug!(error = %e, "live text listener: Redis unavailable, retrying");
+            },
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+async fn listen_broker(
+    url: String,
+    topology: llmq_producer_sdk::Topology,
+    tx: broadcast::Sender<Uuid>,
+    shutdown: CancellationToken,
+) {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+    while !shutdown.is_cancelled() {
+        let session = async {
+            let conn = llmq_producer_sdk::connect_amqp(&url, "llmq-api-events").await?;
+            let ch = conn.create_channel().await?;
+            topology.declare(&ch).await?;
+            let q = ch
+                .queue_declare(
+                    "",
+                    QueueDeclareOptions {
+                        exclusive: true,
+                        auto_delete: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            ch.queue_bind(
+                q.name().as_str(),
+                &topology.events_exchange(),
+                "#",
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+            let mut consumer = ch
+                .basic_consume(
+                    q.name().as_str(),
+                    "llmq-api-events",
+                    BasicConsumeOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await?;
+            while let Some(delivery) = consumer.next().await {
+                let delivery = delivery?;
+                if let Ok(e) = serde_json::from_slice::<llmq_producer_sdk::JobEvent>(&delivery.data)
+                {
+                    let _ = tx.send(e.job_id.0);
+                }
+            }
+            Ok::<_, anyhow::Error>(())
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            r = session => if let Err(e) = r {
+                tracing::debug!(error = %e, "job event listener: broker unavailable, retrying");
+            },
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
