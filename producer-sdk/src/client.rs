@@ -250,6 +250,86 @@ impl Client {
             .ok_or(Error::NotFound(id))
     }
 
+    /// Cancels a job that is `queued`, `waiting_budget` or `retrying`: it becomes
+    /// `cancelled` and no provider call is made for it afterwards (a worker holding a
+    /// budget reservation for it gives the reservation back). A running or finished job is
+    /// [`Error::NotCancellable`].
+    pub async fn cancel(&self, id: JobId) -> Result<JobStatus> {
+        self.cancel_inner(id, None).await
+    }
+
+    /// [`Client::cancel`] for a job `tenant` owns; [`Error::NotFound`] otherwise.
+    pub async fn cancel_for_tenant(&self, id: JobId, tenant: &str) -> Result<JobStatus> {
+        self.cancel_inner(id, Some(tenant)).await
+    }
+
+    async fn cancel_inner(&self, id: JobId, tenant: Option<&str>) -> Result<JobStatus> {
+        let cancelled: Option<(String, i32)> = sqlx::query_as(
+            "WITH j AS (
+                UPDATE jobs SET state = 'cancelled', finished_at = now(), updated_at = now(),
+                                error_class = 'cancelled',
+                                error_message = 'cancelled before it ran to the end'
+                WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)
+                  AND state IN ('queued', 'waiting_budget', 'retrying')
+                RETURNING id, tenant, attempts)
+             INSERT INTO job_transitions (job_id, state, attempt)
+             SELECT id, 'cancelled', attempts FROM j
+             RETURNING (SELECT tenant FROM j), attempt",
+        )
+        .bind(id.0)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        let Some((owner, attempt)) = cancelled else {
+            let status = fetch_status(&self.pool, id, tenant)
+                .await?
+                .ok_or(Error::NotFound(id))?;
+            return Err(Error::NotCancellable {
+                id,
+                state: status.state,
+            });
+        };
+        // Tell the fleet (a worker waiting for budget for this job lets go at once) and
+        // push-style listeners. The record above is what counts: a lost event only means
+        // the worker notices when it next looks at the job.
+        let event = crate::JobEvent {
+            version: crate::PROTOCOL_VERSION,
+            job_id: id,
+            tenant: owner,
+            state: JobState::Cancelled,
+            at: Utc::now(),
+            attempt: u32::try_from(attempt).unwrap_or(0),
+            result: None,
+            error: None,
+        };
+        if let Err(e) = self.publish_event(&event).await {
+            tracing::warn!(job_id = %id, error = %e, "could not publish the cancellation event");
+        }
+        fetch_status(&self.pool, id, tenant)
+            .await?
+            .ok_or(Error::NotFound(id))
+    }
+
+    async fn publish_event(&self, event: &crate::JobEvent) -> Result<()> {
+        let channel = self.channel().await?;
+        let body = serde_json::to_vec(event).unwrap_or_default();
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(event.job_id.to_string().into());
+        channel
+            .basic_publish(
+                &self.topology.events_exchange(),
+                &event.routing_key(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await?
+            .await?;
+        Ok(())
+    }
+
     /// Waits until the job reaches a terminal state, or `timeout` passes.
     pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<JobStatus> {
         let deadline = tokio::time::Instant::now() + timeout;

@@ -31,6 +31,14 @@ pub enum Error {
     /// No such job (or not visible to this tenant).
     #[error("job {0} not found")]
     NotFound(JobId),
+    /// `cancel` on a job that is running or finished.
+    #[error("job {id} is {state} and can no longer be cancelled (only queued, waiting_budget and retrying jobs can)")]
+    NotCancellable {
+        /// The job.
+        id: JobId,
+        /// Its state.
+        state: JobState,
+    },
     /// `wait` ran out of time; the job goes on.
     #[error("timed out waiting for job {id}; it is still {state}")]
     Timeout {

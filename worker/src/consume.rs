@@ -90,6 +90,7 @@ pub struct Worker {
     admission: Arc<Admission>,
     breaker: Arc<Breaker>,
     live: crate::live::LiveText,
+    cancels: Arc<crate::live::Cancels>,
 }
 
 /// Which of a job's routes a message is on, and the attempt number where that route
@@ -296,23 +297,40 @@ impl Worker {
                                 + chrono::Duration::milliseconds(
                                     i64::try_from(wait.as_millis()).unwrap_or(i64::MAX),
                                 );
-                            if self
+                            let watch = self.cancels.watch(id.0);
+                            match self
                                 .durably("record budget wait", || {
                                     store::mark_waiting(&self.pool, id, start)
                                 })
                                 .await
-                                .is_none()
                             {
-                                self.admission
-                                    .settle(id, 0, &r, &vec![0; r.amounts.len()], &[])
-                                    .await;
-                                return Processed::HandedBack;
+                                None => {
+                                    self.admission
+                                        .settle(id, 0, &r, &vec![0; r.amounts.len()], &[])
+                                        .await;
+                                    return Processed::HandedBack;
+                                }
+                                Some(false) => {
+                                    // Cancelled (or finished elsewhere) meanwhile.
+                                    self.admission
+                                        .settle(id, 0, &r, &vec![0; r.amounts.len()], &[])
+                                        .await;
+                                    ack(&delivery).await;
+                                    return Processed::AlreadyFinished;
+                                }
+                                Some(true) => {}
                             }
                             self.emit_progress(&env, JobState::WaitingBudget, 0);
                             tokio::select! {
                                 () = self.hard_stop.cancelled() => {
                                     self.admission.settle(id, 0, &r, &vec![0; r.amounts.len()], &[]).await;
                                     return Processed::HandedBack;
+                                }
+                                () = watch.token.cancelled() => {
+                                    info!("cancelled while waiting for budget; reservation returned");
+                                    self.admission.settle(id, 0, &r, &vec![0; r.amounts.len()], &[]).await;
+                                    ack(&delivery).await;
+                                    return Processed::AlreadyFinished;
                                 }
                                 () = tokio::time::sleep(wait) => {}
                             }
@@ -895,6 +913,9 @@ async fn consume_session(
         .await?;
     let publisher = Publisher::new(&connection, topology.clone()).await?;
     let hard_stop = CancellationToken::new();
+    // Background listeners of this session stop with it.
+    let listeners = CancellationToken::new();
+    let _stop_listeners = listeners.clone().drop_guard();
     let worker = Arc::new(Worker {
         pool: pool.clone(),
         publisher,
@@ -906,6 +927,7 @@ async fn consume_session(
         admission,
         breaker,
         live: crate::live::LiveText::new(settings)?,
+        cancels: crate::live::Cancels::start(settings, listeners),
     });
     let mut consumer = channel
         .basic_consume(

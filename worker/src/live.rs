@@ -196,6 +196,7 @@ impl Hub {
         tokio::spawn(listen_broker(
             settings.amqp_url.expose_secret().to_owned(),
             llmq_producer_sdk::Topology::new(settings.queue_prefix.clone()),
+            "#",
             hub.tx.clone(),
             shutdown,
         ));
@@ -266,9 +267,11 @@ async fn listen_redis(
     }
 }
 
+/// Sends the job id of every event on the events exchange matching `binding`.
 async fn listen_broker(
     url: String,
     topology: llmq_producer_sdk::Topology,
+    binding: &'static str,
     tx: broadcast::Sender<Uuid>,
     shutdown: CancellationToken,
 ) {
@@ -277,7 +280,7 @@ async fn listen_broker(
     use lapin::types::FieldTable;
     while !shutdown.is_cancelled() {
         let session = async {
-            let conn = llmq_producer_sdk::connect_amqp(&url, "llmq-api-events").await?;
+            let conn = llmq_producer_sdk::connect_amqp(&url, "llmq-events-listener").await?;
             let ch = conn.create_channel().await?;
             topology.declare(&ch).await?;
             let q = ch
@@ -294,7 +297,7 @@ async fn listen_broker(
             ch.queue_bind(
                 q.name().as_str(),
                 &topology.events_exchange(),
-                "#",
+                binding,
                 QueueBindOptions::default(),
                 FieldTable::default(),
             )
@@ -302,7 +305,7 @@ async fn listen_broker(
             let mut consumer = ch
                 .basic_consume(
                     q.name().as_str(),
-                    "llmq-api-events",
+                    "",
                     BasicConsumeOptions {
                         no_ack: true,
                         ..Default::default()
@@ -328,6 +331,77 @@ async fn listen_broker(
         tokio::select! {
             () = shutdown.cancelled() => return,
             () = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+}
+
+/// Jobs this worker holds while they wait for budget, and the cancellations that reach
+/// them (the events exchange's `#.cancelled`), so a cancelled job lets go of its
+/// reservation at once instead of when its slot comes.
+#[derive(Default)]
+pub struct Cancels {
+    waiting: Mutex<std::collections::HashMap<Uuid, CancellationToken>>,
+}
+
+/// Removes its job from [`Cancels`] when dropped.
+pub struct CancelWatch {
+    cancels: Arc<Cancels>,
+    id: Uuid,
+    /// Cancelled when the job is.
+    pub token: CancellationToken,
+}
+
+impl Drop for CancelWatch {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.cancels.waiting.lock() {
+            w.remove(&self.id);
+        }
+    }
+}
+
+impl Cancels {
+    /// Starts listening until `shutdown`.
+    pub fn start(settings: &Settings, shutdown: CancellationToken) -> Arc<Self> {
+        let cancels = Arc::new(Self::default());
+        let (tx, mut rx) = broadcast::channel::<Uuid>(1024);
+        tokio::spawn(listen_broker(
+            settings.amqp_url.expose_secret().to_owned(),
+            llmq_producer_sdk::Topology::new(settings.queue_prefix.clone()),
+            "#.cancelled",
+            tx,
+            shutdown.clone(),
+        ));
+        let c = cancels.clone();
+        tokio::spawn(async move {
+            loop {
+                let id = tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    r = rx.recv() => match r {
+                        Ok(id) => id,
+                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                };
+                if let Ok(w) = c.waiting.lock() {
+                    if let Some(t) = w.get(&id) {
+                        t.cancel();
+                    }
+                }
+            }
+        });
+        cancels
+    }
+
+    /// Watches `id` for a cancellation while the returned guard lives.
+    pub fn watch(self: &Arc<Self>, id: Uuid) -> CancelWatch {
+        let token = CancellationToken::new();
+        if let Ok(mut w) = self.waiting.lock() {
+            w.insert(id, token.clone());
+        }
+        CancelWatch {
+            cancels: self.clone(),
+            id,
+            token,
         }
     }
 }

@@ -57,7 +57,7 @@ pub async fn start(
     let body_limit = settings.limits.max_body_bytes + 64 * 1024;
     let app = Router::new()
         .route("/v1/jobs", post(create_job))
-        .route("/v1/jobs/{id}", get(get_job))
+        .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/healthz", get(healthz))
         .route("/v1/circuits", get(circuits))
@@ -197,6 +197,17 @@ async fn get_job(
     Ok(Json(state.client.status(id).await?))
 }
 
+/// `DELETE /v1/jobs/{id}`: cancel a queued, budget-waiting or retrying job.
+async fn cancel_job(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<JobStatus>, ApiError> {
+    let id = parse_id(&id)?;
+    let status = state.client.cancel(id).await?;
+    state.hub.poke(id.0);
+    Ok(Json(status))
+}
+
 /// `GET /v1/circuits`: the breaker state of every configured provider.
 async fn circuits(State(state): State<AppState>) -> Json<Vec<crate::breaker::CircuitState>> {
     let mut out = Vec::new();
@@ -228,6 +239,7 @@ enum ApiError {
     BadRequest(&'static str, String),
     Invalid(ValidationError),
     NotFound(JobId),
+    Conflict(&'static str, String),
     Unavailable(String),
 }
 
@@ -254,6 +266,9 @@ impl From<llmq_producer_sdk::Error> for ApiError {
         match e {
             llmq_producer_sdk::Error::Invalid(v) => ApiError::Invalid(v),
             llmq_producer_sdk::Error::NotFound(id) => ApiError::NotFound(id),
+            e @ llmq_producer_sdk::Error::NotCancellable { .. } => {
+                ApiError::Conflict("not_cancellable", e.to_string())
+            }
             other => {
                 tracing::error!(error = %other, "request failed on a backing service");
                 ApiError::Unavailable(format!("{other}; nothing was enqueued, try again"))
@@ -282,6 +297,7 @@ impl IntoResponse for ApiError {
                 "not_found",
                 format!("job {id} not found"),
             ),
+            ApiError::Conflict(code, m) => (StatusCode::CONFLICT, code, m),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
         };
         (
