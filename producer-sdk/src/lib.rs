@@ -46,4 +46,4 @@ pub use protocol::{
     JobId, JobState, JobStatus, Role, Route, TraceContext, Usage, PROTOCOL_VERSION,
 };
 pub use topology::Topology;
-pub use validate::{estimate_prompt_tokens, validate, Limits, ValidationError};
+pub use validate::{estimate_prompt_tokens, valid_tenant, validate, Limits, ValidationError};

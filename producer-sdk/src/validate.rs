@@ -56,6 +56,9 @@ pub enum ValidationError {
     /// Tenant missing.
     #[error("tenant is empty: set the tenant that owns the job")]
     EmptyTenant,
+    /// Tenant with characters that would break routing keys.
+    #[error("tenant `{0}` is not a valid name: use 1-64 letters, digits, `_` or `-`")]
+    BadTenant(String),
     /// Model missing.
     #[error("route.model is empty: name the model to call, e.g. \"gpt-4o-mini\"")]
     EmptyModel,
@@ -118,12 +121,21 @@ pub enum ValidationError {
     IdempotencyKeyTooLong(usize),
 }
 
+/// A tenant name: 1-64 ASCII letters, digits, `_` or `-` (it is a routing-key word on the
+/// events exchange, `<tenant>.<state>`).
+pub fn valid_tenant(t: &str) -> bool {
+    (1..=64).contains(&t.len())
+        && t.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
 impl ValidationError {
     /// A stable machine-readable code for the error (`empty_messages`, …).
     pub fn code(&self) -> &'static str {
         match self {
             ValidationError::UnsupportedVersion(_) => "unsupported_version",
             ValidationError::EmptyTenant => "empty_tenant",
+            ValidationError::BadTenant(_) => "bad_tenant",
             ValidationError::EmptyModel => "empty_model",
             ValidationError::EmptyMessages => "empty_messages",
             ValidationError::TooManyMessages { .. } => "too_many_messages",
@@ -160,6 +172,9 @@ pub fn validate(job: &JobEnvelope, limits: &Limits) -> Result<(), ValidationErro
     }
     if job.tenant.trim().is_empty() {
         return Err(ValidationError::EmptyTenant);
+    }
+    if !valid_tenant(&job.tenant) {
+        return Err(ValidationError::BadTenant(job.tenant.clone()));
     }
     if job.route.model.trim().is_empty() {
         return Err(ValidationError::EmptyModel);

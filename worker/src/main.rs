@@ -45,6 +45,12 @@ enum Command {
         #[arg(long, default_value = "gpt-4o-mini")]
         model: String,
     },
+    /// Make a bearer token for a tenant: prints the token (give it to the producer) and
+    /// the line for the settings, which keep only its SHA-256.
+    Token {
+        /// Tenant name (letters, digits, `_`, `-`).
+        tenant: String,
+    },
     /// Push a batch of sample jobs through the API and follow them to the end.
     Demo {
         /// API base URL.
@@ -76,6 +82,27 @@ async fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
+    if let Command::Token { tenant } = &cli.command {
+        if !llmq_producer_sdk::valid_tenant(tenant) {
+            anyhow::bail!(
+                "`{tenant}` is not a valid tenant name: use 1-64 letters, digits, `_` or `-`"
+            );
+        }
+        let token = api::new_token();
+        println!(
+            "token for tenant `{tenant}` (shown once; llmq keeps only its hash):\n  {token}\n"
+        );
+        println!(
+            "settings (TOML, under [api.tenants]):\n  {tenant} = \"{}\"",
+            api::token_hash(&token)
+        );
+        println!(
+            "or environment:\n  LLMQ_API__TENANTS__{}={}",
+            tenant.to_uppercase(),
+            api::token_hash(&token)
+        );
+        return Ok(());
+    }
     if let Command::Demo {
         api,
         jobs,
@@ -119,7 +146,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             handle.join.await??;
         }
         Command::Dlq { command } => llmq_worker::dlq::run(&settings, &pool, command).await?,
-        Command::Demo { .. } | Command::Doctor { .. } => {}
+        Command::Demo { .. } | Command::Doctor { .. } | Command::Token { .. } => {}
     }
     Ok(())
 }

@@ -48,6 +48,10 @@ pub struct Settings {
 pub struct ApiSettings {
     /// `host:port` to listen on (port 0 picks a free one).
     pub bind: String,
+    /// Tenants and the SHA-256 (hex) of each one's bearer token (`llmq token NAME` makes
+    /// one). None configured: the API is open and takes the tenant from the request.
+    #[serde(default)]
+    pub tenants: std::collections::BTreeMap<String, String>,
 }
 
 /// Worker settings.
@@ -299,6 +303,20 @@ impl Settings {
                 "api.bind",
                 format!("`{}` is not host:port, e.g. 127.0.0.1:8080", self.api.bind),
             ));
+        }
+        for (name, hash) in &self.api.tenants {
+            if !llmq_producer_sdk::valid_tenant(name) {
+                return Err(invalid(
+                    &format!("api.tenants.{name}"),
+                    "is not a valid tenant name: use 1-64 letters, digits, `_` or `-`",
+                ));
+            }
+            if hash.len() != 64 || !hash.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return Err(invalid(
+                    &format!("api.tenants.{name}"),
+                    "must be the SHA-256 of the token in hex (64 characters), not the token itself; `llmq token NAME` prints both",
+                ));
+            }
         }
         if self.worker.concurrency == 0 {
             return Err(invalid("worker.concurrency", "must be at least 1"));

@@ -62,13 +62,13 @@ struct Row {
 
 pub(crate) async fn job_events(
     State(state): State<AppState>,
+    caller: super::Caller,
     Path(id): Path<String>,
     Query(q): Query<EventsQuery>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let id = super::parse_id(&id)?;
-    let tenant = super::job_tenant(&state, id).await?;
-    let _ = tenant;
+    super::visible(&state, &caller, id).await?;
     let cursor = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())

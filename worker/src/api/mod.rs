@@ -22,10 +22,15 @@ use tokio_util::sync::CancellationToken;
 
 use crate::settings::Settings;
 
+mod auth;
 mod events;
+
+pub use auth::{new_token, token_hash};
+use auth::{Caller, Tenants};
 
 #[derive(Clone)]
 struct AppState {
+    tenants: Tenants,
     hub: crate::live::Hub,
     client: Client,
     pool: PgPool,
@@ -56,19 +61,23 @@ pub async fn start(
     let client = Client::connect_with_pool(config, pool.clone()).await?;
     let body_limit = settings.limits.max_body_bytes + 64 * 1024;
     let app = Router::new()
-        .route("/v1/jobs", post(create_job))
+        .route("/v1/jobs", post(create_job).get(list_jobs))
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/healthz", get(healthz))
         .route("/v1/circuits", get(circuits))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(AppState {
+            tenants: Tenants::new(&settings.api.tenants),
             hub: crate::live::Hub::start(settings, shutdown.clone())?,
             client,
             pool,
             breaker: std::sync::Arc::new(crate::breaker::Breaker::new(settings)?),
             providers: std::sync::Arc::new(settings.providers.keys().cloned().collect()),
         });
+    if settings.api.tenants.is_empty() {
+        tracing::warn!("no api.tenants configured: the API is open to anyone who can reach it and takes the tenant from each request; configure tenant tokens (`llmq token NAME`) for anything but local use");
+    }
     let listener = tokio::net::TcpListener::bind(&settings.api.bind)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {} (api.bind): {e}", settings.api.bind))?;
@@ -129,13 +138,23 @@ struct Created {
 
 async fn create_job(
     State(state): State<AppState>,
+    caller: Caller,
     body: Result<Json<CreateJob>, JsonRejection>,
 ) -> Result<(StatusCode, Json<Created>), ApiError> {
     let Json(req) = body?;
+    let tenant = match (caller, req.tenant) {
+        (Caller::Tenant(t), Some(asked)) if asked != t => {
+            return Err(ApiError::Forbidden(format!(
+                "this token belongs to tenant `{t}`, not `{asked}`: leave `tenant` out or set it to `{t}`"
+            )))
+        }
+        (Caller::Tenant(t), _) => t,
+        (Caller::Open, asked) => asked.unwrap_or_else(|| "default".into()),
+    };
     let envelope = JobEnvelope {
         version: req.version.unwrap_or(PROTOCOL_VERSION),
         id: JobId::new(),
-        tenant: req.tenant.unwrap_or_else(|| "default".into()),
+        tenant,
         idempotency_key: req.idempotency_key,
         route: Route {
             model: req.model,
@@ -179,31 +198,150 @@ fn parse_id(id: &str) -> Result<JobId, ApiError> {
         .map_err(|_| ApiError::BadRequest("bad_job_id", format!("`{id}` is not a job id (a UUID)")))
 }
 
-/// The job's tenant; `NotFound` when there is no such job.
-async fn job_tenant(state: &AppState, id: JobId) -> Result<String, ApiError> {
-    sqlx::query_scalar("SELECT tenant FROM jobs WHERE id = $1")
+/// `NotFound` unless the job exists and `caller` may see it.
+async fn visible(state: &AppState, caller: &Caller, id: JobId) -> Result<(), ApiError> {
+    let tenant: Option<String> = sqlx::query_scalar("SELECT tenant FROM jobs WHERE id = $1")
         .bind(id.0)
         .fetch_optional(&state.pool)
         .await
-        .map_err(|e| ApiError::Unavailable(format!("database: {e}; try again")))?
-        .ok_or(ApiError::NotFound(id))
+        .map_err(|e| ApiError::Unavailable(format!("database: {e}; try again")))?;
+    match (tenant, caller.scope()) {
+        (Some(t), Some(scope)) if t == scope => Ok(()),
+        (Some(_), None) => Ok(()),
+        _ => Err(ApiError::NotFound(id)),
+    }
 }
 
 async fn get_job(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
     let id = parse_id(&id)?;
-    Ok(Json(state.client.status(id).await?))
+    Ok(Json(match caller.scope() {
+        Some(t) => state.client.status_for_tenant(id, t).await?,
+        None => state.client.status(id).await?,
+    }))
+}
+
+/// `GET /v1/jobs` filters and page.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    /// Open mode only: whose jobs.
+    #[serde(default)]
+    tenant: Option<String>,
+    /// Comma-separated states.
+    #[serde(default)]
+    state: Option<String>,
+    #[serde(default)]
+    model: Option<String>,
+    /// Jobs older than this id (the previous page's `next_cursor`).
+    #[serde(default)]
+    cursor: Option<String>,
+    #[serde(default)]
+    limit: Option<u32>,
+}
+
+/// One line of a job list.
+#[derive(Serialize, sqlx::FromRow)]
+struct JobSummary {
+    id: uuid::Uuid,
+    tenant: String,
+    state: String,
+    model: String,
+    attempts: i32,
+    error_class: Option<String>,
+    created_at: DateTime<Utc>,
+    updated_at: DateTime<Utc>,
+    finished_at: Option<DateTime<Utc>>,
+}
+
+#[derive(Serialize)]
+struct JobPage {
+    jobs: Vec<JobSummary>,
+    /// Pass as `cursor` for the next (older) page; null on the last one.
+    next_cursor: Option<uuid::Uuid>,
+}
+
+/// `GET /v1/jobs`: the caller's jobs, newest first, by pages.
+async fn list_jobs(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: Result<axum::extract::Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<JobPage>, ApiError> {
+    let axum::extract::Query(q) = query.map_err(|e| {
+        ApiError::BadRequest(
+            "bad_query",
+            format!("{}; filters are state, model, cursor, limit", e.body_text()),
+        )
+    })?;
+    let tenant = match (&caller, q.tenant) {
+        (Caller::Tenant(t), Some(asked)) if &asked != t => {
+            return Err(ApiError::Forbidden(format!(
+                "this token belongs to tenant `{t}`; it cannot list `{asked}`'s jobs"
+            )))
+        }
+        (Caller::Tenant(t), _) => Some(t.clone()),
+        (Caller::Open, asked) => asked,
+    };
+    let states: Option<Vec<String>> = match q.state {
+        None => None,
+        Some(list) => {
+            let mut out = Vec::new();
+            for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+                let parsed: llmq_producer_sdk::JobState = s.parse().map_err(|_| {
+                    ApiError::BadRequest(
+                        "bad_state",
+                        format!("`{s}` is not a state (queued, waiting_budget, running, retrying, succeeded, failed, cancelled, expired)"),
+                    )
+                })?;
+                out.push(parsed.to_string());
+            }
+            Some(out)
+        }
+    };
+    let cursor = q.cursor.as_deref().map(parse_id).transpose()?;
+    let limit = i64::from(q.limit.unwrap_or(50).clamp(1, 500));
+    let mut jobs: Vec<JobSummary> = sqlx::query_as(
+        "SELECT id, tenant, state, model, attempts, error_class, created_at, updated_at, finished_at
+         FROM jobs
+         WHERE ($1::text IS NULL OR tenant = $1)
+           AND ($2::text[] IS NULL OR state = ANY($2))
+           AND ($3::text IS NULL OR model = $3)
+           AND ($4::uuid IS NULL OR id < $4)
+         ORDER BY id DESC
+         LIMIT $5",
+    )
+    .bind(tenant)
+    .bind(states)
+    .bind(q.model)
+    .bind(cursor.map(|c| c.0))
+    .bind(limit + 1)
+    .fetch_all(&state.pool)
+    .await
+    .map_err(|e| ApiError::Unavailable(format!("database: {e}; try again")))?;
+    let more = jobs.len() > usize::try_from(limit).unwrap_or(usize::MAX);
+    jobs.truncate(usize::try_from(limit).unwrap_or(usize::MAX));
+    let next_cursor = if more {
+        jobs.last().map(|j| j.id)
+    } else {
+        None
+    };
+    Ok(Json(JobPage { jobs, next_cursor }))
 }
 
 /// `DELETE /v1/jobs/{id}`: cancel a queued, budget-waiting or retrying job.
 async fn cancel_job(
     State(state): State<AppState>,
+    caller: Caller,
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
     let id = parse_id(&id)?;
-    let status = state.client.cancel(id).await?;
+    let status = match caller.scope() {
+        Some(t) => state.client.cancel_for_tenant(id, t).await?,
+        None => state.client.cancel(id).await?,
+    };
     state.hub.poke(id.0);
     Ok(Json(status))
 }
@@ -239,6 +377,8 @@ enum ApiError {
     BadRequest(&'static str, String),
     Invalid(ValidationError),
     NotFound(JobId),
+    Unauthorized(&'static str),
+    Forbidden(String),
     Conflict(&'static str, String),
     Unavailable(String),
 }
@@ -297,6 +437,19 @@ impl IntoResponse for ApiError {
                 "not_found",
                 format!("job {id} not found"),
             ),
+            ApiError::Unauthorized(m) => {
+                let mut r = (
+                    StatusCode::UNAUTHORIZED,
+                    Json(serde_json::json!({ "error": { "code": "unauthorized", "message": m } })),
+                )
+                    .into_response();
+                r.headers_mut().insert(
+                    axum::http::header::WWW_AUTHENTICATE,
+                    axum::http::HeaderValue::from_static("Bearer"),
+                );
+                return r;
+            }
+            ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "wrong_tenant", m),
             ApiError::Conflict(code, m) => (StatusCode::CONFLICT, code, m),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
         };
