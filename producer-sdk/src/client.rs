@@ -395,7 +395,16 @@ pub async fn fetch_status(
 ) -> Result<Option<JobStatus>> {
     let row = sqlx::query(
         "SELECT id, tenant, state, model, attempts, max_attempts, created_at, updated_at,
-                finished_at, expected_start_at, result, error_class, error_message, envelope->'metadata' AS metadata
+                finished_at, expected_start_at, result, error_class, error_message,
+                envelope->'metadata' AS metadata, queue_seq,
+                CASE WHEN state = 'queued' THEN
+                    (SELECT min(q.queue_seq) FROM jobs q
+                     WHERE q.state = 'queued' AND q.published_at IS NOT NULL)
+                END AS head_seq,
+                CASE WHEN state = 'retrying' THEN
+                    (SELECT (t.detail->>'next_attempt_at')::timestamptz FROM job_transitions t
+                     WHERE t.job_id = jobs.id ORDER BY t.seq DESC LIMIT 1)
+                END AS next_attempt_at
          FROM jobs WHERE id = $1 AND ($2::text IS NULL OR tenant = $2)",
     )
     .bind(id.0)
@@ -414,6 +423,13 @@ pub async fn fetch_status(
         row.try_get("metadata")?;
     let attempts: i32 = row.try_get("attempts")?;
     let max_attempts: i32 = row.try_get("max_attempts")?;
+    let queue_seq: i64 = row.try_get("queue_seq")?;
+    let head_seq: Option<i64> = row.try_get("head_seq")?;
+    // Tickets from the head of the line to this job (an upper bound: a job that left the
+    // line out of order still counts until the head passes it).
+    let position = (state == JobState::Queued)
+        .then(|| u64::try_from(queue_seq - head_seq.unwrap_or(queue_seq).min(queue_seq) + 1).ok())
+        .flatten();
     Ok(Some(JobStatus {
         id: JobId(row.try_get("id")?),
         tenant: row.try_get("tenant")?,
@@ -424,11 +440,12 @@ pub async fn fetch_status(
         created_at: row.try_get::<DateTime<Utc>, _>("created_at")?,
         updated_at: row.try_get::<DateTime<Utc>, _>("updated_at")?,
         finished_at: row.try_get("finished_at")?,
-        expected_start_at: if state == JobState::WaitingBudget {
-            row.try_get("expected_start_at")?
-        } else {
-            None
+        expected_start_at: match state {
+            JobState::WaitingBudget => row.try_get("expected_start_at")?,
+            JobState::Retrying => row.try_get("next_attempt_at")?,
+            _ => None,
         },
+        position,
         result: result.map(|j| j.0),
         last_error: error_class.map(|class| ErrorSummary {
             class,

@@ -375,9 +375,14 @@ pub struct JobStatus {
     /// When the terminal state was reached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub finished_at: Option<DateTime<Utc>>,
-    /// While `waiting_budget`: when its rate-limit slot starts.
+    /// When the job is expected to start: while `waiting_budget` its rate-limit slot;
+    /// while `retrying` its next attempt; while `queued` the API's estimate from the
+    /// place in line and the route's budget (see the README, "Queue position and ETA").
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub expected_start_at: Option<DateTime<Utc>>,
+    /// While `queued`: the place in line, 1 being next.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub position: Option<u64>,
     /// The result, once succeeded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub result: Option<CompletionResult>,

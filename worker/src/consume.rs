@@ -606,9 +606,12 @@ impl Worker {
             result: None,
             error: Some(("circuit_open", &message)),
             evidence: None,
-            detail: Some(
-                serde_json::json!({ "error_class": "circuit_open", "provider": provider, "route": cursor.idx }),
-            ),
+            detail: Some(serde_json::json!({
+                "error_class": "circuit_open",
+                "provider": provider,
+                "route": cursor.idx,
+                "next_attempt_at": Utc::now() + chrono::Duration::seconds(i64::try_from(tier).unwrap_or(0)),
+            })),
         };
         if self
             .durably("record circuit wait", || {

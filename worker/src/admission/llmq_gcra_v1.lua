@@ -14,7 +14,7 @@
 --            tat:<dim>     theoretical arrival time of the dimension, ms (float)
 --            pause_until   fleet pause after a provider 429, ms
 -- KEYS[2]  settle marker "<KEYS[1]>:settled:<job>" (op settle only; same hash tag)
--- ARGV[1]  op: acquire | settle | pause | tighten | check
+-- ARGV[1]  op: acquire | settle | pause | tighten | check | peek
 -- ARGV[2]  n, the number of dimensions; then 4 values per dimension:
 --            name, limit per minute, burst (units the bucket holds), amount
 -- then, per op:
@@ -27,6 +27,8 @@
 --   pause:   pause_ms                   -> {remaining pause ms}
 --   tighten: n remaining values (-1 = unknown)   -> {1}
 --   check:                              -> {remaining pause ms}
+--   peek:    ahead (jobs served first)  -> {ms until a job of these amounts would start}
+--            (read only: the queue ETA)
 --
 -- Time is Redis server time (TIME), so replicas' clocks do not matter. A dimension with
 -- no state (first use, or Redis restarted empty) starts EMPTY, never full: we cannot know
@@ -138,6 +140,17 @@ elseif op == 'tighten' then
 
 elseif op == 'check' then
   return {pause_left()}
+
+elseif op == 'peek' then
+  -- Read only: when would a job of these amounts start if `ahead` jobs like it were
+  -- served first? Nothing is charged.
+  local ahead = tonumber(ARGV[rest + 1])
+  local start = math.max(now, pause_until)
+  for i = 1, n do
+    local d = dims[i]
+    start = math.max(start, math.max(d.tat, now) + (ahead + 1) * d.amount * d.interval - d.tau)
+  end
+  return {math.ceil(start - now)}
 end
 
 return redis.error_reply('llmq_gcra_v1: unknown op ' .. tostring(op))

@@ -282,6 +282,26 @@ impl Admission {
         }
     }
 
+    /// How long until a job asking `amounts` would start if `ahead` jobs like it went
+    /// first (the queue ETA; nothing is charged). `None` when Redis cannot say.
+    pub async fn estimate_start(
+        &self,
+        scope: &Arc<Scope>,
+        amounts: &[u64],
+        ahead: u64,
+    ) -> Option<Duration> {
+        self.pool.as_ref()?;
+        match self
+            .eval(scope, "peek", amounts, &[ahead.to_string()], None)
+            .await
+        {
+            Ok(r) => Some(Duration::from_millis(
+                r.first().copied().unwrap_or(0).max(0).unsigned_abs(),
+            )),
+            Err(_) => None,
+        }
+    }
+
     /// Time left of a fleet pause of `scope` (checked after waiting for a slot).
     pub async fn pause_left(&self, scope: &Arc<Scope>) -> Duration {
         if self.pool.is_some() {

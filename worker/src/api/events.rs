@@ -6,6 +6,8 @@
 //! - `delta` (id `<seq>.<offset>`): text the model wrote during the attempt whose
 //!   `running` transition is `<seq>` (`{attempt, text}`); `<offset>` is the byte length of
 //!   that attempt's text so far. A new `running` state starts a new text;
+//! - `position` (no id): while queued, the place in line and expected start
+//!   (`{position, expected_start_at}`), whenever they change;
 //! - `result` (no id): the job's full status once it is terminal; the stream then ends.
 //!
 //! A client that reconnects with `Last-Event-ID` (or `?last_event_id=`) gets exactly what
@@ -114,6 +116,7 @@ async fn follow(
     // The attempt whose text is being relayed: (running seq, attempt).
     let mut text: Option<(i64, u32)> = None;
     let mut first = true;
+    let mut last_place = None;
     loop {
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT seq, state, at, attempt, detail FROM job_transitions
@@ -173,6 +176,27 @@ async fn follow(
         }
         if let Some((seq, attempt)) = text {
             relay_text(state, id, seq, attempt, &mut cursor, tx).await?;
+        }
+        if rows.last().is_some_and(|r| r.state == "queued") {
+            if let Ok(mut status) = state.client.status(id).await {
+                super::add_eta(state, &mut status).await;
+                let now = (
+                    status.position,
+                    status.expected_start_at.map(|t| t.timestamp()),
+                );
+                if status.state == JobState::Queued && last_place != Some(now) {
+                    last_place = Some(now);
+                    let data = serde_json::json!({
+                        "position": status.position,
+                        "expected_start_at": status.expected_start_at,
+                    });
+                    send(
+                        tx,
+                        Event::default().event("position").data(data.to_string()),
+                    )
+                    .await?;
+                }
+            }
         }
         if terminal {
             if let Ok(status) = state.client.status(id).await {

@@ -31,6 +31,8 @@ use auth::{Caller, Tenants};
 #[derive(Clone)]
 struct AppState {
     tenants: Tenants,
+    admission: std::sync::Arc<crate::admission::Admission>,
+    settings: std::sync::Arc<Settings>,
     hub: crate::live::Hub,
     client: Client,
     pool: PgPool,
@@ -69,6 +71,8 @@ pub async fn start(
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(AppState {
             tenants: Tenants::new(&settings.api.tenants),
+            admission: std::sync::Arc::new(crate::admission::Admission::new(settings)?),
+            settings: std::sync::Arc::new(settings.clone()),
             hub: crate::live::Hub::start(settings, shutdown.clone())?,
             client,
             pool,
@@ -218,10 +222,58 @@ async fn get_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
     let id = parse_id(&id)?;
-    Ok(Json(match caller.scope() {
+    let mut status = match caller.scope() {
         Some(t) => state.client.status_for_tenant(id, t).await?,
         None => state.client.status(id).await?,
-    }))
+    };
+    add_eta(&state, &mut status).await;
+    Ok(Json(status))
+}
+
+/// While queued: the expected start, from the place in line and the route's budget. The
+/// shared bucket says when a job of this one's demand could start if the `position - 1`
+/// jobs ahead (taken to ask as much as this one) went first; jobs already admitted are
+/// in the bucket. No limit on the route: no estimate.
+async fn add_eta(state: &AppState, status: &mut JobStatus) {
+    let (Some(position), llmq_producer_sdk::JobState::Queued) = (status.position, status.state)
+    else {
+        return;
+    };
+    let envelope: Option<sqlx::types::Json<JobEnvelope>> =
+        sqlx::query_scalar("SELECT envelope FROM jobs WHERE id = $1")
+            .bind(status.id.0)
+            .fetch_optional(&state.pool)
+            .await
+            .ok()
+            .flatten();
+    let Some(env) = envelope.map(|e| e.0) else {
+        return;
+    };
+    let provider = env
+        .route
+        .provider
+        .clone()
+        .unwrap_or_else(|| state.settings.default_provider.clone());
+    let Some(kind) = state.settings.providers.get(&provider).map(|p| p.kind) else {
+        return;
+    };
+    let Some(scope) = state.admission.scope(&provider, &env.route.model) else {
+        return;
+    };
+    let prompt = crate::admission::prompt_tokens(kind, &env.route.model, &env.request.messages);
+    let amounts = scope.demand(prompt, u64::from(env.request.max_tokens.unwrap_or(0)));
+    if let Some(wait) = state
+        .admission
+        .estimate_start(&scope, &amounts, position.saturating_sub(1))
+        .await
+    {
+        status.expected_start_at = Some(
+            Utc::now()
+                + chrono::Duration::milliseconds(
+                    i64::try_from(wait.as_millis()).unwrap_or(i64::MAX),
+                ),
+        );
+    }
 }
 
 /// `GET /v1/jobs` filters and page.
