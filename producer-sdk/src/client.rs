@@ -80,6 +80,7 @@ pub struct Enqueued {
 /// ```
 #[derive(Clone)]
 pub struct Client {
+    events: Arc<tokio::sync::OnceCell<tokio::sync::broadcast::Sender<crate::JobEvent>>>,
     pool: PgPool,
     broker: Arc<tokio::sync::RwLock<Broker>>,
     amqp_url: Arc<str>,
@@ -126,6 +127,7 @@ impl Client {
         let topology = Topology::new(config.queue_prefix);
         let broker = Broker::open(&config.amqp_url, &topology).await?;
         Ok(Self {
+            events: Arc::new(tokio::sync::OnceCell::new()),
             pool,
             broker: Arc::new(tokio::sync::RwLock::new(broker)),
             amqp_url: config.amqp_url.into(),
@@ -330,10 +332,13 @@ impl Client {
         Ok(())
     }
 
-    /// Waits until the job reaches a terminal state, or `timeout` passes.
+    /// Waits until the job reaches a terminal state, or `timeout` passes. Woken by the
+    /// job's events on the events exchange; reads the record once a second as well, so a
+    /// lost event or a broker outage only makes it slower.
     pub async fn wait(&self, id: JobId, timeout: Duration) -> Result<JobStatus> {
         let deadline = tokio::time::Instant::now() + timeout;
-        let mut pause = Duration::from_millis(25);
+        // Subscribe before reading, so an event between the two is not missed.
+        let mut rx = self.subscribe().await;
         loop {
             let status = self.status(id).await?;
             if status.state.is_terminal() {
@@ -346,9 +351,119 @@ impl Client {
                     state: status.state,
                 });
             }
-            tokio::time::sleep(pause.min(deadline - now)).await;
-            pause = (pause * 2).min(Duration::from_millis(500));
+            crate::watch::until_event(&mut rx, id, crate::watch::FALLBACK_POLL.min(deadline - now))
+                .await;
         }
+    }
+
+    /// The job's transitions as they happen, from the first (`queued`) on, ending after
+    /// the terminal one (which carries the result or the error). Each is read from the
+    /// job's recorded history, so none is missed or repeated; the events exchange only
+    /// says when to look. (Text as it is generated is on the HTTP API's
+    /// `GET /v1/jobs/{id}/events`.)
+    pub fn events(
+        &self,
+        id: JobId,
+    ) -> impl futures_util::Stream<Item = Result<crate::JobEvent>> + '_ {
+        struct Follow {
+            rx: Option<tokio::sync::broadcast::Receiver<crate::JobEvent>>,
+            last_seq: i64,
+            pending: std::collections::VecDeque<crate::JobEvent>,
+            done: bool,
+        }
+        let start = Follow {
+            rx: None,
+            last_seq: 0,
+            pending: std::collections::VecDeque::new(),
+            done: false,
+        };
+        futures_util::stream::unfold(start, move |mut f| async move {
+            loop {
+                if let Some(e) = f.pending.pop_front() {
+                    return Some((Ok(e), f));
+                }
+                if f.done {
+                    return None;
+                }
+                let rx = match &mut f.rx {
+                    Some(rx) => rx,
+                    None => f.rx.insert(self.subscribe().await),
+                };
+                if f.last_seq > 0 {
+                    crate::watch::until_event(rx, id, crate::watch::FALLBACK_POLL).await;
+                }
+                match self.history_since(id, f.last_seq).await {
+                    Ok(events) => {
+                        for (seq, e) in events {
+                            f.last_seq = seq;
+                            f.done |= e.state.is_terminal();
+                            f.pending.push_back(e);
+                            if f.done {
+                                break;
+                            }
+                        }
+                        if f.last_seq == 0 {
+                            // Not even `queued`: no such job.
+                            f.done = true;
+                            return Some((Err(Error::NotFound(id)), f));
+                        }
+                    }
+                    Err(e) => {
+                        f.done = true;
+                        return Some((Err(e), f));
+                    }
+                }
+            }
+        })
+    }
+
+    async fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::JobEvent> {
+        self.events
+            .get_or_init(|| async {
+                crate::watch::start(self.amqp_url.to_string(), self.topology.clone())
+            })
+            .await
+            .subscribe()
+    }
+
+    /// Transitions of `id` after `seq`, as events (the terminal one with its result or
+    /// error).
+    async fn history_since(&self, id: JobId, seq: i64) -> Result<Vec<(i64, crate::JobEvent)>> {
+        let rows: Vec<(i64, String, DateTime<Utc>, i32, String)> = sqlx::query_as(
+            "SELECT t.seq, t.state, t.at, t.attempt, j.tenant FROM job_transitions t
+             JOIN jobs j ON j.id = t.job_id
+             WHERE t.job_id = $1 AND t.seq > $2 ORDER BY t.seq",
+        )
+        .bind(id.0)
+        .bind(seq)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut out = Vec::with_capacity(rows.len());
+        for (seq, state, at, attempt, tenant) in rows {
+            let state: JobState = state.parse().map_err(|e: crate::protocol::UnknownState| {
+                Error::Database(sqlx::Error::Decode(e.into()))
+            })?;
+            let (result, error) = if state.is_terminal() {
+                let s = self.status(id).await?;
+                (s.result, s.last_error)
+            } else {
+                (None, None)
+            };
+            out.push((
+                seq,
+                crate::JobEvent {
+                    version: crate::PROTOCOL_VERSION,
+                    job_id: id,
+                    tenant,
+                    state,
+                    at,
+                    attempt: u32::try_from(attempt).unwrap_or(0),
+                    result,
+                    error,
+                },
+            ));
+        }
+        Ok(out)
     }
 }
 

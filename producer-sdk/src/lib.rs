@@ -37,6 +37,7 @@ mod job;
 pub mod protocol;
 pub mod topology;
 pub mod validate;
+mod watch;
 
 pub use client::{connect_amqp, fetch_status, publish_job, Client, ClientConfig, Enqueued};
 pub use error::{Error, Result};

@@ -1,0 +1,105 @@
+//! Following jobs push-style: one listener per [`Client`](crate::Client) on the events
+//! exchange (an exclusive queue bound to `#`), started on first use, fanning events out
+//! to [`Client::wait`](crate::Client::wait) and [`Client::events`](crate::Client::events).
+//! Events are a wake-up, not the record: every reader re-reads PostgreSQL when woken, and
+//! also once a second, so a lost event or a broker outage only slows it down.
+
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::FieldTable;
+use tokio::sync::broadcast;
+
+use crate::protocol::JobEvent;
+use crate::topology::Topology;
+
+/// How long a reader waits for an event before it looks anyway.
+pub(crate) const FALLBACK_POLL: Duration = Duration::from_secs(1);
+
+/// Starts the listener; it stops when every receiver (and the sender) is gone.
+pub(crate) fn start(amqp_url: String, topology: Topology) -> broadcast::Sender<JobEvent> {
+    let (tx, _) = broadcast::channel(1024);
+    let weak = tx.downgrade();
+    tokio::spawn(async move {
+        loop {
+            let session = async {
+                let conn = crate::connect_amqp(&amqp_url, "llmq-producer-events").await?;
+                let ch = conn.create_channel().await?;
+                topology.declare(&ch).await?;
+                let q = ch
+                    .queue_declare(
+                        "",
+                        QueueDeclareOptions {
+                            exclusive: true,
+                            auto_delete: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                ch.queue_bind(
+                    q.name().as_str(),
+                    &topology.events_exchange(),
+                    "#",
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await?;
+                let mut consumer = ch
+                    .basic_consume(
+                        q.name().as_str(),
+                        "",
+                        BasicConsumeOptions {
+                            no_ack: true,
+                            ..Default::default()
+                        },
+                        FieldTable::default(),
+                    )
+                    .await?;
+                while let Some(delivery) = consumer.next().await {
+                    let delivery = delivery?;
+                    let Some(tx) = weak.upgrade() else {
+                        return Ok(());
+                    };
+                    if let Ok(e) = serde_json::from_slice::<JobEvent>(&delivery.data) {
+                        let _ = tx.send(e);
+                    }
+                }
+                Ok::<_, crate::Error>(())
+            };
+            if let Err(e) = session.await {
+                tracing::debug!(error = %e, "job event listener: broker unavailable; polling meanwhile");
+            }
+            match weak.upgrade() {
+                Some(tx) if tx.receiver_count() > 0 => {}
+                Some(_) => {}
+                None => return,
+            }
+            tokio::time::sleep(FALLBACK_POLL).await;
+        }
+    });
+    tx
+}
+
+/// Waits until an event of `job` arrives or `max` passes.
+pub(crate) async fn until_event(
+    rx: &mut broadcast::Receiver<JobEvent>,
+    job: crate::JobId,
+    max: Duration,
+) {
+    let _ = tokio::time::timeout(max, async {
+        loop {
+            match rx.recv().await {
+                Ok(e) if e.job_id == job => return,
+                Ok(_) => {}
+                Err(broadcast::error::RecvError::Lagged(_)) => return,
+                Err(broadcast::error::RecvError::Closed) => {
+                    tokio::time::sleep(max).await;
+                    return;
+                }
+            }
+        }
+    })
+    .await;
+}
