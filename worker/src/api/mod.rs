@@ -67,6 +67,8 @@ pub async fn start(
         .route("/v1/jobs/{id}", get(get_job).delete(cancel_job))
         .route("/v1/jobs/{id}/events", get(events::job_events))
         .route("/healthz", get(healthz))
+        .route("/", get(page))
+        .route("/openapi.json", get(openapi))
         .route("/v1/circuits", get(circuits))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(AppState {
@@ -396,6 +398,33 @@ async fn cancel_job(
     };
     state.hub.poke(id.0);
     Ok(Json(status))
+}
+
+/// The OpenAPI 3.1 document of this API (kept beside the code; a test checks that it
+/// names every route and every field of the job status).
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+async fn openapi() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        OPENAPI,
+    )
+        .into_response()
+}
+
+/// The "generating, please wait" page: one HTML file, no build step.
+async fn page() -> Response {
+    (
+        [
+            (axum::http::header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (
+                axum::http::header::CONTENT_SECURITY_POLICY,
+                "default-src 'self'; script-src 'unsafe-inline'; style-src 'unsafe-inline'",
+            ),
+        ],
+        include_str!("page.html"),
+    )
+        .into_response()
 }
 
 /// `GET /v1/circuits`: the breaker state of every configured provider.
