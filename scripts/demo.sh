@@ -51,7 +51,9 @@ start() { # name, command…
   "$@" >"$RUN/$name.log" 2>&1 &
   echo $! >"$RUN/$name.pid"
 }
-start mock-provider target/debug/mock-provider --bind "$MOCK_BIND" --latency-ms "${MOCK_LATENCY_MS:-400}"
+# Answers stream one word every 60 ms, so the page shows the text being written.
+start mock-provider target/debug/mock-provider --bind "$MOCK_BIND" --latency-ms "${MOCK_LATENCY_MS:-400}" \
+  --chunk-delay-ms "${MOCK_CHUNK_DELAY_MS:-60}"
 start api target/debug/llmq api
 # A small concurrency per worker so the batch takes long enough to watch.
 export LLMQ_WORKER__CONCURRENCY="${LLMQ_WORKER__CONCURRENCY:-4}"
@@ -73,7 +75,8 @@ target/debug/llmq demo --api "$API" --jobs "${LLMQ_DEMO_JOBS:-60}"
 cat <<MSG
 
 running (logs in $RUN/):
-  API            $API          ($RUN/api.log)
+  web page       $API/         (submit a prompt and watch it live)
+  API            $API          ($RUN/api.log; OpenAPI at $API/openapi.json)
   workers        2             ($RUN/worker-1.log, $RUN/worker-2.log)
   mock provider  http://$MOCK_BIND  (stats: curl -s http://$MOCK_BIND/_mock/stats)
   RabbitMQ       amqp://127.0.0.1:5672 (queue llmq.work, dead letters llmq.dead)

@@ -138,7 +138,10 @@ pub async fn run(api: &str, jobs: usize, model: &str, timeout: Duration) -> anyh
             .await?;
         println!("\nexample result:\n{}", serde_json::to_string_pretty(&v)?);
         println!("\nwatch a job:   curl -s {api}/v1/jobs/{first}");
+        println!("its events:    curl -sN {api}/v1/jobs/{first}/events");
     }
+    println!("web page:      {api}/   (type a prompt, watch it wait, generate, arrive)");
+    println!("API document:  {api}/openapi.json");
     println!("health:        curl -s {api}/healthz");
     println!("submit one:    curl -s -X POST {api}/v1/jobs -H 'content-type: application/json' \\\n                 -d '{{\"model\":\"{model}\",\"max_tokens\":64,\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'");
     if !pending.is_empty() {
