@@ -218,6 +218,9 @@ impl Client {
                 .await?;
             return Err(e);
         }
+        // The `queued` transition for push-style listeners; not waited for (the record and
+        // the job's message are what count).
+        self.announce_queued(&envelope).await;
         // Best effort: if this write is lost, a worker's sweep republishes the job, and the
         // duplicate delivery is recognised and dropped.
         if let Err(e) = sqlx::query("UPDATE jobs SET published_at = now() WHERE id = $1")
@@ -310,6 +313,39 @@ impl Client {
         fetch_status(&self.pool, id, tenant)
             .await?
             .ok_or(Error::NotFound(id))
+    }
+
+    async fn announce_queued(&self, envelope: &JobEnvelope) {
+        let event = crate::JobEvent {
+            version: crate::PROTOCOL_VERSION,
+            job_id: envelope.id,
+            tenant: envelope.tenant.clone(),
+            state: JobState::Queued,
+            at: envelope.created_at,
+            attempt: 0,
+            result: None,
+            error: None,
+        };
+        let Ok(channel) = self.channel().await else {
+            return;
+        };
+        let body = serde_json::to_vec(&event).unwrap_or_default();
+        let props = BasicProperties::default()
+            .with_content_type("application/json".into())
+            .with_delivery_mode(2)
+            .with_message_id(event.job_id.to_string().into());
+        if let Err(e) = channel
+            .basic_publish(
+                &self.topology.events_exchange(),
+                &event.routing_key(),
+                BasicPublishOptions::default(),
+                &body,
+                props,
+            )
+            .await
+        {
+            tracing::debug!(job_id = %envelope.id, error = %e, "could not publish the queued event");
+        }
     }
 
     async fn publish_event(&self, event: &crate::JobEvent) -> Result<()> {

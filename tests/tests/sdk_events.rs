@@ -104,3 +104,84 @@ async fn wait_finishes_even_when_no_event_comes() {
         r => panic!("expected a timeout, got {r:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_transition_is_published_by_tenant_and_state() {
+    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
+    use lapin::types::FieldTable;
+
+    let app = spawn_app_with(AppOptions {
+        mock: MockConfig {
+            latency: Duration::from_millis(200),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let (_conn, ch) = app.channel().await;
+    let q = ch
+        .queue_declare(
+            "",
+            QueueDeclareOptions {
+                exclusive: true,
+                auto_delete: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    ch.queue_bind(
+        q.name().as_str(),
+        &app.topology().events_exchange(),
+        "acme.*",
+        QueueBindOptions::default(),
+        FieldTable::default(),
+    )
+    .await
+    .unwrap();
+    let mut consumer = ch
+        .basic_consume(
+            q.name().as_str(),
+            "",
+            BasicConsumeOptions {
+                no_ack: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+
+    let client = app.client().await;
+    let other = client
+        .enqueue(
+            NewJob::new(
+                "globex",
+                "gpt-4o-mini",
+                vec![ChatMessage::user("not acme's")],
+            )
+            .max_tokens(8),
+        )
+        .await
+        .unwrap();
+    let id = client.enqueue(job("push me")).await.unwrap();
+    client.wait(other, Duration::from_secs(30)).await.unwrap();
+
+    let mut keys = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while let Ok(Some(Ok(d))) = tokio::time::timeout_at(deadline, consumer.next()).await {
+        let e: llmq_producer_sdk::JobEvent = serde_json::from_slice(&d.data).unwrap();
+        assert_eq!(e.job_id, id, "only acme's events reach acme.*");
+        keys.push(d.routing_key.to_string());
+        if e.state == JobState::Succeeded {
+            assert_eq!(
+                e.result.unwrap().content,
+                "mock reply to: push me",
+                "the result rides on the terminal event"
+            );
+            break;
+        }
+    }
+    assert_eq!(keys, ["acme.queued", "acme.running", "acme.succeeded"]);
+}

@@ -622,6 +622,7 @@ impl Worker {
         {
             return Processed::HandedBack;
         }
+        self.emit_progress(env, JobState::Retrying, 0);
         match self
             .publisher
             .retry_later(
