@@ -63,6 +63,18 @@ impl Topology {
             .unwrap_or(DELAY_TIERS_SECS[DELAY_TIERS_SECS.len() - 1])
     }
 
+    /// The longest delay tier not above `delay` (at least the shortest tier): for waits
+    /// that can be re-checked when they end, such as an open circuit, so a job comes back
+    /// no later than needed instead of up to a tier late.
+    pub fn delay_tier_at_most(delay: std::time::Duration) -> u64 {
+        let want = delay.as_secs_f64();
+        DELAY_TIERS_SECS
+            .into_iter()
+            .rev()
+            .find(|t| *t as f64 <= want)
+            .unwrap_or(DELAY_TIERS_SECS[0])
+    }
+
     /// Declares every queue and exchange (idempotent).
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let durable = QueueDeclareOptions {
@@ -130,5 +142,23 @@ impl Topology {
             )
             .await?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Topology;
+    use std::time::Duration;
+
+    #[test]
+    fn tiers_round_up_for_backoff_and_down_for_rechecks() {
+        let s = Duration::from_secs_f64;
+        assert_eq!(Topology::delay_tier(s(0.2)), 1);
+        assert_eq!(Topology::delay_tier(s(5.5)), 10);
+        assert_eq!(Topology::delay_tier(s(10_000.0)), 300);
+        assert_eq!(Topology::delay_tier_at_most(s(0.2)), 1);
+        assert_eq!(Topology::delay_tier_at_most(s(5.5)), 5);
+        assert_eq!(Topology::delay_tier_at_most(s(14.9)), 10);
+        assert_eq!(Topology::delay_tier_at_most(s(10_000.0)), 300);
     }
 }

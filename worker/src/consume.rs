@@ -598,7 +598,8 @@ impl Worker {
         open_for: Duration,
         cursor: RouteCursor,
     ) -> Processed {
-        let tier = Topology::delay_tier(open_for);
+        // Back when the circuit may let calls through again, not a tier later.
+        let tier = Topology::delay_tier_at_most(open_for);
         let message = format!("the circuit of provider `{provider}` is open (it has been failing); next try in {tier} s");
         let t = Transition {
             state: JobState::Retrying,
