@@ -63,11 +63,16 @@ impl Topology {
             .unwrap_or(DELAY_TIERS_SECS[DELAY_TIERS_SECS.len() - 1])
     }
 
-    /// The longest delay tier not above `delay` (at least the shortest tier): for waits
-    /// that can be re-checked when they end, such as an open circuit, so a job comes back
-    /// no later than needed instead of up to a tier late.
-    pub fn delay_tier_at_most(delay: std::time::Duration) -> u64 {
+    /// The tier for a wait that is re-checked when it ends (an open circuit): the next
+    /// tier up when that is at most a second or a quarter late, else the longest tier not
+    /// above `delay` (the job re-checks early and waits the rest). A job comes back close
+    /// to when it is needed, in few round trips.
+    pub fn recheck_tier(delay: std::time::Duration) -> u64 {
         let want = delay.as_secs_f64();
+        let up = Self::delay_tier(delay);
+        if (up as f64) - want <= (want * 0.25).max(1.0) {
+            return up;
+        }
         DELAY_TIERS_SECS
             .into_iter()
             .rev()
@@ -156,9 +161,12 @@ mod tests {
         assert_eq!(Topology::delay_tier(s(0.2)), 1);
         assert_eq!(Topology::delay_tier(s(5.5)), 10);
         assert_eq!(Topology::delay_tier(s(10_000.0)), 300);
-        assert_eq!(Topology::delay_tier_at_most(s(0.2)), 1);
-        assert_eq!(Topology::delay_tier_at_most(s(5.5)), 5);
-        assert_eq!(Topology::delay_tier_at_most(s(14.9)), 10);
-        assert_eq!(Topology::delay_tier_at_most(s(10_000.0)), 300);
+        assert_eq!(Topology::recheck_tier(s(0.2)), 1);
+        assert_eq!(Topology::recheck_tier(s(1.5)), 2);
+        assert_eq!(Topology::recheck_tier(s(4.3)), 5);
+        assert_eq!(Topology::recheck_tier(s(5.5)), 5);
+        assert_eq!(Topology::recheck_tier(s(14.9)), 15);
+        assert_eq!(Topology::recheck_tier(s(40.0)), 30);
+        assert_eq!(Topology::recheck_tier(s(10_000.0)), 300);
     }
 }

@@ -532,7 +532,16 @@ impl Worker {
         let attempt = evidence.attempt;
         {
             fill_failure(&mut evidence, &failure, "retry");
-            let wait = retry::delay(attempt, after, self.retry_base, self.retry_cap);
+            let mut wait = retry::delay(attempt, after, self.retry_base, self.retry_cap);
+            // The provider's circuit is open: it, not this job's backoff, decides when calls
+            // resume, so the job need not wait longer than the circuit (a probe that failed
+            // in a long outage would otherwise sit out a backoff grown past the outage).
+            if after.is_none() && Signal::of(failure.class) == Signal::Failure {
+                let circuit = self.breaker.state(&evidence.provider).await;
+                if circuit.state == "open" || circuit.state == "half_open" {
+                    wait = wait.min(Duration::from_millis(circuit.open_ms_left.max(1000)));
+                }
+            }
             let tier = Topology::delay_tier(wait);
             let next_at = Utc::now() + chrono::Duration::seconds(i64::try_from(tier).unwrap_or(0));
             let t = Transition {
@@ -598,8 +607,8 @@ impl Worker {
         open_for: Duration,
         cursor: RouteCursor,
     ) -> Processed {
-        // Back when the circuit may let calls through again, not a tier later.
-        let tier = Topology::delay_tier_at_most(open_for);
+        // Back about when the circuit may let calls through again, not a tier later.
+        let tier = Topology::recheck_tier(open_for);
         let message = format!("the circuit of provider `{provider}` is open (it has been failing); next try in {tier} s");
         let t = Transition {
             state: JobState::Retrying,
