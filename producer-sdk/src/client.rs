@@ -80,7 +80,7 @@ pub struct Enqueued {
 /// ```
 #[derive(Clone)]
 pub struct Client {
-    events: Arc<tokio::sync::OnceCell<tokio::sync::broadcast::Sender<crate::JobEvent>>>,
+    events: Arc<tokio::sync::OnceCell<crate::watch::Listener>>,
     pool: PgPool,
     broker: Arc<tokio::sync::RwLock<Broker>>,
     amqp_url: Arc<str>,
@@ -334,7 +334,7 @@ impl Client {
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_message_id(event.job_id.to_string().into());
-        if let Err(e) = channel
+        match channel
             .basic_publish(
                 &self.topology.events_exchange(),
                 &event.routing_key(),
@@ -344,7 +344,16 @@ impl Client {
             )
             .await
         {
-            tracing::debug!(job_id = %envelope.id, error = %e, "could not publish the queued event");
+            // The confirm is awaited off the caller's path (an unawaited confirm would be
+            // kept by the channel forever).
+            Ok(confirm) => {
+                tokio::spawn(async move {
+                    let _ = confirm.await;
+                });
+            }
+            Err(e) => {
+                tracing::debug!(job_id = %envelope.id, error = %e, "could not publish the queued event");
+            }
         }
     }
 
@@ -459,6 +468,7 @@ impl Client {
                 crate::watch::start(self.amqp_url.to_string(), self.topology.clone())
             })
             .await
+            .events
             .subscribe()
     }
 

@@ -17,10 +17,18 @@ use crate::topology::Topology;
 /// How long a reader waits for an event before it looks anyway.
 pub(crate) const FALLBACK_POLL: Duration = Duration::from_secs(1);
 
-/// Starts the listener; it stops when every receiver (and the sender) is gone.
-pub(crate) fn start(amqp_url: String, topology: Topology) -> broadcast::Sender<JobEvent> {
+/// A running listener; it stops (and closes its connection) when this is dropped, that
+/// is with the last clone of its [`Client`](crate::Client).
+pub(crate) struct Listener {
+    pub(crate) events: broadcast::Sender<JobEvent>,
+    _stop: tokio::sync::watch::Sender<()>,
+}
+
+/// Starts the listener.
+pub(crate) fn start(amqp_url: String, topology: Topology) -> Listener {
     let (tx, _) = broadcast::channel(1024);
     let weak = tx.downgrade();
+    let (stop_tx, mut stop) = tokio::sync::watch::channel(());
     tokio::spawn(async move {
         loop {
             let session = async {
@@ -68,18 +76,23 @@ pub(crate) fn start(amqp_url: String, topology: Topology) -> broadcast::Sender<J
                 }
                 Ok::<_, crate::Error>(())
             };
-            if let Err(e) = session.await {
-                tracing::debug!(error = %e, "job event listener: broker unavailable; polling meanwhile");
+            tokio::select! {
+                r = session => if let Err(e) = r {
+                    tracing::debug!(error = %e, "job event listener: broker unavailable; polling meanwhile");
+                },
+                // The Client is gone: the connection closes as the session is dropped.
+                _ = stop.changed() => return,
             }
-            match weak.upgrade() {
-                Some(tx) if tx.receiver_count() > 0 => {}
-                Some(_) => {}
-                None => return,
+            tokio::select! {
+                () = tokio::time::sleep(FALLBACK_POLL) => {}
+                _ = stop.changed() => return,
             }
-            tokio::time::sleep(FALLBACK_POLL).await;
         }
     });
-    tx
+    Listener {
+        events: tx,
+        _stop: stop_tx,
+    }
 }
 
 /// Waits until an event of `job` arrives or `max` passes.

@@ -234,3 +234,36 @@ async fn events_of_an_unknown_job_are_404() {
     .unwrap();
     assert_eq!(r.status(), 404);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutting_the_api_down_ends_open_streams() {
+    let app = spawn_app_with(AppOptions {
+        api: true,
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
+    let id = submit(&app, "nobody will run me", 3).await;
+    let reader = {
+        let url = app.api_url();
+        let id = id.clone();
+        tokio::spawn(async move {
+            let resp = reqwest::get(format!("{url}/v1/jobs/{id}/events"))
+                .await
+                .unwrap();
+            let mut events = resp.bytes_stream().eventsource();
+            let mut n = 0;
+            while let Some(Ok(_)) = events.next().await {
+                n += 1;
+            }
+            n
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    app.shutdown.cancel();
+    let n = tokio::time::timeout(Duration::from_secs(20), reader)
+        .await
+        .expect("the stream ended when the API shut down")
+        .unwrap();
+    assert!(n >= 1, "it had sent the queued state first");
+}

@@ -75,6 +75,11 @@ async fn missing_or_unknown_tokens_are_401_and_other_tenants_jobs_are_404() {
             assert_eq!(b["error"]["code"], "unauthorized");
         }
     }
+    // Operator views need a token too.
+    let (code, _) = call(&app, Method::GET, "/v1/circuits", None, None).await;
+    assert_eq!(code, StatusCode::UNAUTHORIZED);
+    let (code, _) = call(&app, Method::GET, "/v1/circuits", Some(GLOBEX), None).await;
+    assert_eq!(code, StatusCode::OK);
     let r = reqwest::get(format!("{}/v1/jobs/{id}", app.api_url()))
         .await
         .unwrap();

@@ -300,7 +300,7 @@ impl Worker {
                             let watch = self.cancels.watch(id.0);
                             match self
                                 .durably("record budget wait", || {
-                                    store::mark_waiting(&self.pool, id, start)
+                                    store::mark_waiting(&self.pool, id, start, delivery.redelivered)
                                 })
                                 .await
                             {
@@ -340,7 +340,14 @@ impl Worker {
                                 self.admission
                                     .settle(id, 0, &r, &vec![0; r.amounts.len()], &[])
                                     .await;
-                                tokio::time::sleep(paused).await;
+                                tokio::select! {
+                                    () = self.hard_stop.cancelled() => return Processed::HandedBack,
+                                    () = watch.token.cancelled() => {
+                                        ack(&delivery).await;
+                                        return Processed::AlreadyFinished;
+                                    }
+                                    () = tokio::time::sleep(paused) => {}
+                                }
                                 continue;
                             }
                         }

@@ -1,8 +1,9 @@
 //! The live side of a job: the text a model is writing, while it writes it.
 //!
 //! The worker's [`Relay`] collects the deltas of one attempt and, every
-//! [`FLUSH_EVERY`], appends them to a Redis string `<ns>:text:<job>:<attempt>` (kept an
-//! hour) and publishes the job id on `<ns>:live`, in one pipelined round trip. The API's
+//! [`FLUSH_EVERY`], writes them at their byte offset into a Redis string
+//! `<ns>:text:<job>:<attempt>` (kept an hour) and publishes the job id on `<ns>:live`, in
+//! one pipelined round trip. The API's
 //! [`Hub`] turns those notices, and the job events on the broker, into wake-ups for the
 //! SSE streams that follow a job; each stream then reads what is new (transitions from
 //! PostgreSQL, text from Redis by byte offset), so a reconnect with `Last-Event-ID`
@@ -77,11 +78,16 @@ impl LiveText {
         }
     }
 
-    async fn write(&self, key: &str, job: Uuid, text: &str) -> bool {
+    /// Writes `text` at byte `offset` of the attempt's text (SETRANGE: writing the same
+    /// bytes again after a timeout that hid a success is harmless).
+    async fn write(&self, key: &str, job: Uuid, offset: usize, text: &str) -> bool {
         let write = async {
             let mut conn = self.pool.get().await.ok()?;
             redis::pipe()
-                .append(key, text)
+                .cmd("SETRANGE")
+                .arg(key)
+                .arg(offset)
+                .arg(text)
                 .ignore()
                 .pexpire(key, i64::try_from(TEXT_TTL_MS).unwrap_or(i64::MAX))
                 .ignore()
@@ -106,6 +112,8 @@ async fn flush_loop(
     stop: CancellationToken,
 ) {
     let mut warned = false;
+    // Bytes of this attempt's text known to be in Redis.
+    let mut written = 0usize;
     loop {
         let stopping = tokio::select! {
             () = stop.cancelled() => true,
@@ -115,8 +123,10 @@ async fn flush_loop(
             Ok(mut p) => std::mem::take(&mut *p),
             Err(_) => String::new(),
         };
-        {
-            if !chunk.is_empty() && !live.write(&key, job, &chunk).await {
+        if !chunk.is_empty() {
+            if live.write(&key, job, written, &chunk).await {
+                written += chunk.len();
+            } else {
                 if !warned {
                     tracing::warn!(
                         "live text not written (Redis unreachable); the result is unaffected"
@@ -126,9 +136,6 @@ async fn flush_loop(
                 // Keep it for the next flush, in front of what arrived since.
                 if let Ok(mut p) = pending.lock() {
                     p.insert_str(0, &chunk);
-                }
-                if stopping {
-                    return;
                 }
             }
         }
@@ -173,6 +180,9 @@ impl Drop for Relay {
 #[derive(Clone)]
 pub struct Hub {
     tx: broadcast::Sender<Uuid>,
+    /// Cancelled when the API shuts down: followers end their streams (clients resume
+    /// elsewhere with `Last-Event-ID`).
+    pub shutdown: CancellationToken,
     pool: deadpool_redis::Pool,
     namespace: String,
 }
@@ -184,6 +194,7 @@ impl Hub {
         let (tx, _) = broadcast::channel(4096);
         let hub = Self {
             tx,
+            shutdown: shutdown.clone(),
             pool: pool(settings)?,
             namespace: settings.admission.namespace.clone(),
         };
@@ -213,9 +224,9 @@ impl Hub {
         let _ = self.tx.send(job);
     }
 
-    /// The text of `job`'s `attempt` from byte `offset` on (empty when none or Redis is
-    /// unreachable).
-    pub async fn text_from(&self, job: Uuid, attempt: u32, offset: usize) -> String {
+    /// The text of `job`'s `attempt` from byte `offset` on, and how many bytes that was
+    /// (nothing when there is none or Redis is unreachable).
+    pub async fn text_from(&self, job: Uuid, attempt: u32, offset: usize) -> (String, usize) {
         let read = async {
             let mut conn = self.pool.get().await.ok()?;
             let end = -1isize;
@@ -228,8 +239,8 @@ impl Hub {
                 .ok()
         };
         match tokio::time::timeout(Duration::from_millis(500), read).await {
-            Ok(Some(bytes)) => String::from_utf8_lossy(&bytes).into_owned(),
-            _ => String::new(),
+            Ok(Some(bytes)) => (String::from_utf8_lossy(&bytes).into_owned(), bytes.len()),
+            _ => (String::new(), 0),
         }
     }
 }
@@ -340,13 +351,16 @@ async fn listen_broker(
 /// reservation at once instead of when its slot comes.
 #[derive(Default)]
 pub struct Cancels {
-    waiting: Mutex<std::collections::HashMap<Uuid, CancellationToken>>,
+    /// Per job, every watch on it (two copies of one job may wait on one worker).
+    waiting: Mutex<std::collections::HashMap<Uuid, Vec<(u64, CancellationToken)>>>,
+    next: std::sync::atomic::AtomicU64,
 }
 
-/// Removes its job from [`Cancels`] when dropped.
+/// Removes its watch from [`Cancels`] when dropped.
 pub struct CancelWatch {
     cancels: Arc<Cancels>,
     id: Uuid,
+    n: u64,
     /// Cancelled when the job is.
     pub token: CancellationToken,
 }
@@ -354,7 +368,12 @@ pub struct CancelWatch {
 impl Drop for CancelWatch {
     fn drop(&mut self) {
         if let Ok(mut w) = self.cancels.waiting.lock() {
-            w.remove(&self.id);
+            if let Some(list) = w.get_mut(&self.id) {
+                list.retain(|(n, _)| *n != self.n);
+                if list.is_empty() {
+                    w.remove(&self.id);
+                }
+            }
         }
     }
 }
@@ -383,7 +402,7 @@ impl Cancels {
                     },
                 };
                 if let Ok(w) = c.waiting.lock() {
-                    if let Some(t) = w.get(&id) {
+                    for (_, t) in w.get(&id).into_iter().flatten() {
                         t.cancel();
                     }
                 }
@@ -395,12 +414,14 @@ impl Cancels {
     /// Watches `id` for a cancellation while the returned guard lives.
     pub fn watch(self: &Arc<Self>, id: Uuid) -> CancelWatch {
         let token = CancellationToken::new();
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         if let Ok(mut w) = self.waiting.lock() {
-            w.insert(id, token.clone());
+            w.entry(id).or_default().push((n, token.clone()));
         }
         CancelWatch {
             cancels: self.clone(),
             id,
+            n,
             token,
         }
     }

@@ -49,16 +49,19 @@ pub async fn claim(
 }
 
 /// Records that the job waits for rate-limit budget until `expected_start` (no attempt
-/// is counted). False when the job is already terminal.
+/// is counted). False when the job is terminal, or `running` under another delivery (a
+/// `running` job is taken over only by a redelivered message, as in [`claim`]).
 pub async fn mark_waiting(
     pool: &PgPool,
     id: JobId,
     expected_start: DateTime<Utc>,
+    redelivered: bool,
 ) -> Result<bool, sqlx::Error> {
     let changed: Option<uuid::Uuid> = sqlx::query_scalar(
         "WITH j AS (
             UPDATE jobs SET state = 'waiting_budget', expected_start_at = $2, updated_at = now()
-            WHERE id = $1 AND state NOT IN ('succeeded', 'failed', 'cancelled', 'expired')
+            WHERE id = $1 AND (state IN ('queued', 'waiting_budget', 'retrying')
+                               OR ($3 AND state = 'running'))
             RETURNING id, attempts)
          INSERT INTO job_transitions (job_id, state, attempt, detail)
          SELECT id, 'waiting_budget', attempts, jsonb_build_object('expected_start_at', $2::timestamptz) FROM j
@@ -66,6 +69,7 @@ pub async fn mark_waiting(
     )
     .bind(id.0)
     .bind(expected_start)
+    .bind(redelivered)
     .fetch_optional(pool)
     .await?;
     Ok(changed.is_some())

@@ -205,7 +205,11 @@ async fn follow(
             }
             return Ok(());
         }
-        wait_for(&mut wake, id.0, Duration::from_secs(1)).await;
+        tokio::select! {
+            () = wait_for(&mut wake, id.0, Duration::from_secs(1)) => {}
+            // Shutting down: end the stream; the client resumes with Last-Event-ID.
+            () = state.hub.shutdown.cancelled() => return Ok(()),
+        }
         if tx.is_closed() {
             return Err(Ended::Gone);
         }
@@ -229,11 +233,11 @@ async fn relay_text(
     tx: &mpsc::Sender<Event>,
 ) -> Result<(), Ended> {
     let offset = cursor.offset.unwrap_or(0);
-    let new = state.hub.text_from(id.0, attempt, offset).await;
-    if new.is_empty() {
+    let (new, read) = state.hub.text_from(id.0, attempt, offset).await;
+    if read == 0 {
         return Ok(());
     }
-    let end = offset + new.len();
+    let end = offset + read;
     let data = serde_json::json!({"attempt": attempt, "text": new});
     send(
         tx,

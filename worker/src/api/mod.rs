@@ -428,7 +428,10 @@ async fn page() -> Response {
 }
 
 /// `GET /v1/circuits`: the breaker state of every configured provider.
-async fn circuits(State(state): State<AppState>) -> Json<Vec<crate::breaker::CircuitState>> {
+async fn circuits(
+    State(state): State<AppState>,
+    _caller: Caller,
+) -> Json<Vec<crate::breaker::CircuitState>> {
     let mut out = Vec::new();
     for p in state.providers.iter() {
         out.push(state.breaker.state(p).await);
