@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use chrono::Utc;
 use llmq_mock_provider::{Faults, MockConfig};
 use llmq_producer_sdk::{ChatMessage, Error, JobId, JobState, NewJob};
 use llmq_tests::{spawn_app_with, AppOptions, TestApp};
@@ -94,19 +95,56 @@ async fn cancel_while_waiting_for_budget_returns_the_reservation() {
         .wait_for(b, JobState::WaitingBudget, Duration::from_secs(20))
         .await;
     let b_slot = waiting.expected_start_at.unwrap();
+    // The shared bucket's request clock, to see the reservation come back.
+    let admission = llmq_worker::admission::Admission::new(&app.settings).unwrap();
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    let redis = redis::Client::open(llmq_tests::redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let tat = |v: Option<String>| v.map(|s| s.parse::<f64>().unwrap()).unwrap_or(0.0);
+    let before = tat(
+        redis::AsyncCommands::hget(&mut conn, &scope.key, "tat:requests")
+            .await
+            .unwrap(),
+    );
     let cancelled = client.cancel(b).await.unwrap();
     assert_eq!(cancelled.state, JobState::Cancelled);
-
-    // The freed slot goes to the next job, not one interval later.
-    let c = client.enqueue(job("third")).await.unwrap();
-    let c_waiting = app
-        .wait_for(c, JobState::WaitingBudget, Duration::from_secs(20))
-        .await;
-    let c_slot = c_waiting.expected_start_at.unwrap();
+    // The worker holding b hears of it on the events exchange and gives the slot back at
+    // once (not when the slot comes): the request clock moves back by one interval.
+    let interval_ms = 60_000.0
+        / scope
+            .dims
+            .iter()
+            .find(|d| d.name == "requests")
+            .unwrap()
+            .per_minute;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let after = loop {
+        let now = tat(
+            redis::AsyncCommands::hget(&mut conn, &scope.key, "tat:requests")
+                .await
+                .unwrap(),
+        );
+        if now < before {
+            break now;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the reservation was not returned"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
     assert!(
-        c_slot <= b_slot + chrono::Duration::milliseconds(1500),
-        "c starts at {c_slot}, b's slot was {b_slot}"
+        Utc::now() < b_slot,
+        "returned before b's slot came, so it was the cancellation that returned it"
     );
+    assert!(
+        (before - after - interval_ms).abs() < 1.0,
+        "exactly one request's worth came back: {} ms, interval {interval_ms} ms",
+        before - after
+    );
+
+    // The next job runs; b never reaches the provider.
+    let c = client.enqueue(job("third")).await.unwrap();
     for id in [a, c] {
         assert_eq!(
             app.wait_terminal(id, Duration::from_secs(30)).await.state,
