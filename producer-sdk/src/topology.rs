@@ -15,6 +15,12 @@ use lapin::{Channel, ExchangeKind};
 /// that crashes workers ends in the dead-letter queue instead of looping).
 pub const DELIVERY_LIMIT: i64 = 5;
 
+/// A job whose message has come back this many times without an outcome (workers that
+/// crashed, lost their connection or drained while holding it) is failed as
+/// `undeliverable` by the worker and dead-lettered with that reason, one return before
+/// the broker would dead-letter it blindly (leaving its record unfinished).
+pub const UNDELIVERABLE_AFTER: i64 = DELIVERY_LIMIT - 1;
+
 /// Retry delay tiers, in seconds. A retry waits in the smallest tier at least as long as
 /// the delay it needs, so a provider's Retry-After is never shortened; each tier is its own
 /// queue with a fixed TTL, so no message waits behind a longer one.

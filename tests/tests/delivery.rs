@@ -130,3 +130,73 @@ async fn redelivered_finished_job_is_acked_without_a_second_call() {
     );
     assert_eq!(client.status(id).await.unwrap().state, JobState::Succeeded);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_keeps_coming_back_fails_its_job_instead_of_vanishing() {
+    use futures_util::StreamExt;
+    use lapin::options::{BasicConsumeOptions, BasicNackOptions, BasicQosOptions};
+    use lapin::types::FieldTable;
+
+    let mut app = llmq_tests::spawn_app_with(llmq_tests::AppOptions {
+        workers: 0,
+        ..Default::default()
+    })
+    .await;
+    let client = app.client().await;
+    let id = client
+        .enqueue(
+            NewJob::new("acme", "gpt-4o-mini", vec![ChatMessage::user("poison")]).max_tokens(8),
+        )
+        .await
+        .unwrap();
+    // A worker that dies holding the message, again and again: the broker gets it back
+    // each time.
+    let returns = llmq_producer_sdk::topology::UNDELIVERABLE_AFTER;
+    {
+        let (_conn, ch) = app.channel().await;
+        ch.basic_qos(1, BasicQosOptions::default()).await.unwrap();
+        let mut consumer = ch
+            .basic_consume(
+                &app.topology().work_queue(),
+                "crashing-worker",
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        for _ in 0..returns {
+            let d = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+                .await
+                .expect("the message comes back")
+                .unwrap()
+                .unwrap();
+            d.nack(BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        }
+        ch.close(200, "done").await.unwrap();
+    }
+    // A real worker now gets it once more: it fails the job (no provider call) and
+    // dead-letters the message with the reason, instead of the broker dropping it into
+    // the dead-letter queue while the record says `queued` forever.
+    app.start_worker();
+    let status = app.wait_terminal(id, Duration::from_secs(30)).await;
+    assert_eq!(status.state, JobState::Failed, "{status:?}");
+    let err = status.last_error.unwrap();
+    assert_eq!(err.class, "undeliverable");
+    assert!(err.message.contains("llmq dlq replay"), "{}", err.message);
+    assert_eq!(app.mock.stats().requests_total, 0);
+    let dead = app.wait_dead_letters(1).await;
+    assert_eq!(dead.len(), 1);
+    assert!(
+        dead[0]
+            .1
+            .as_deref()
+            .unwrap_or_default()
+            .contains("times without an outcome"),
+        "{dead:?}"
+    );
+}

@@ -138,6 +138,27 @@ impl RouteCursor {
     }
 }
 
+/// How many times the broker has had this message back (`x-delivery-count`, set by
+/// quorum queues on redeliveries).
+fn delivery_count(delivery: &Delivery) -> i64 {
+    let value = delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get("x-delivery-count").cloned());
+    match value {
+        Some(AMQPValue::LongLongInt(n)) => n,
+        Some(AMQPValue::LongInt(n)) => i64::from(n),
+        Some(AMQPValue::LongUInt(n)) => i64::from(n),
+        Some(AMQPValue::ShortInt(n)) => i64::from(n),
+        Some(AMQPValue::ShortUInt(n)) => i64::from(n),
+        Some(AMQPValue::ShortShortInt(n)) => i64::from(n),
+        Some(AMQPValue::ShortShortUInt(n)) => i64::from(n),
+        Some(AMQPValue::Timestamp(n)) => i64::try_from(n).unwrap_or(i64::MAX),
+        _ => 0,
+    }
+}
+
 impl Worker {
     /// Processes one delivery to the end, acking it unless it is handed back.
     pub async fn process_one(&self, delivery: Delivery) -> Processed {
@@ -175,6 +196,30 @@ impl Worker {
                 return Processed::Duplicate;
             }
             Some(_) => {}
+        }
+
+        let returns = delivery_count(&delivery);
+        if returns >= llmq_producer_sdk::topology::UNDELIVERABLE_AFTER {
+            let message = format!(
+                "its message came back {returns} times without an outcome (workers crashed, lost their connection or drained while holding it); failed so it stops cycling; once the cause is fixed: llmq dlq replay {id}"
+            );
+            let t = Transition {
+                state: JobState::Failed,
+                attempt: 0,
+                result: None,
+                error: Some(("undeliverable", &message)),
+                evidence: None,
+                detail: None,
+            };
+            if self
+                .durably("record undeliverable", || store::record(&self.pool, id, &t))
+                .await
+                .is_none()
+            {
+                return Processed::HandedBack;
+            }
+            self.emit(&env, JobState::Failed, 0, None, t.error).await;
+            return self.reject(delivery, &message, "undeliverable").await;
         }
 
         if env.deadline.is_some_and(|d| d <= Utc::now()) {
