@@ -91,6 +91,7 @@ pub struct Worker {
     breaker: Arc<Breaker>,
     live: crate::live::LiveText,
     cancels: Arc<crate::live::Cancels>,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// Which of a job's routes a message is on, and the attempt number where that route
@@ -337,6 +338,10 @@ impl Worker {
                         wait,
                         reservation: r,
                     } => {
+                        self.metrics
+                            .budget_wait
+                            .get_or_create(&vec![("provider", provider_name.clone())])
+                            .observe(wait.as_secs_f64());
                         if wait > Duration::from_millis(50) {
                             let start = Utc::now()
                                 + chrono::Duration::milliseconds(
@@ -477,7 +482,8 @@ impl Worker {
         };
 
         let outcome = classify(result);
-        self.breaker
+        let circuit = self
+            .breaker
             .record(
                 &provider_name,
                 match &outcome {
@@ -486,6 +492,7 @@ impl Worker {
                 },
             )
             .await;
+        self.count_call(&provider_name, &outcome, latency_ms, circuit.as_deref());
         let on_route = attempt - cursor.start;
         match outcome {
             Outcome::Succeeded(reply) => {
@@ -533,6 +540,10 @@ impl Worker {
                     && on_route < env.max_attempts =>
             {
                 if let Some(scope) = &scope {
+                    self.metrics
+                        .fleet_pauses
+                        .get_or_create(&vec![("provider", provider_name.clone())])
+                        .inc();
                     self.admission
                         .pause(scope, after.unwrap_or(Duration::from_secs(1)))
                         .await;
@@ -595,6 +606,10 @@ impl Worker {
                 }
             }
             let tier = Topology::delay_tier(wait);
+            self.metrics
+                .retries
+                .get_or_create(&vec![("class", failure.class.as_str().to_owned())])
+                .inc();
             let next_at = Utc::now() + chrono::Duration::seconds(i64::try_from(tier).unwrap_or(0));
             let t = Transition {
                 state: JobState::Retrying,
@@ -661,6 +676,11 @@ impl Worker {
     ) -> Processed {
         // Back about when the circuit may let calls through again, not a tier later.
         let tier = Topology::recheck_tier(open_for);
+        self.metrics
+            .retries
+            .get_or_create(&vec![("class", "circuit_open".to_owned())])
+            .inc();
+        self.metrics.circuit_seen(provider, "open");
         let message = format!("the circuit of provider `{provider}` is open (it has been failing); next try in {tier} s");
         let t = Transition {
             state: JobState::Retrying,
@@ -815,6 +835,15 @@ impl Worker {
         result: Option<CompletionResult>,
         error: Option<(&str, &str)>,
     ) {
+        if state.is_terminal() {
+            self.metrics
+                .jobs
+                .get_or_create(&vec![
+                    ("state", state.to_string()),
+                    ("class", error.map_or("none", |(c, _)| c).to_owned()),
+                ])
+                .inc();
+        }
         let event = JobEvent {
             version: PROTOCOL_VERSION,
             job_id: env.id,
@@ -830,6 +859,48 @@ impl Worker {
         };
         if let Err(e) = self.publisher.event(&event).await {
             warn!(error = %e, "could not publish the job event; the record is durable");
+        }
+    }
+
+    /// Counts a provider call: outcome, class, latency, tokens, and the circuit as seen.
+    fn count_call(
+        &self,
+        provider: &str,
+        outcome: &Outcome,
+        latency_ms: u32,
+        circuit: Option<&str>,
+    ) {
+        let m = &self.metrics;
+        let (result, class) = match outcome {
+            Outcome::Succeeded(_) => ("succeeded", "none"),
+            Outcome::RetryAfter(_, f) => ("retryable", f.class.as_str()),
+            Outcome::Fatal(f) => ("fatal", f.class.as_str()),
+        };
+        m.calls
+            .get_or_create(&vec![
+                ("provider", provider.to_owned()),
+                ("outcome", result.to_owned()),
+                ("class", class.to_owned()),
+            ])
+            .inc();
+        m.latency
+            .get_or_create(&vec![("provider", provider.to_owned())])
+            .observe(f64::from(latency_ms) / 1000.0);
+        if let Outcome::Succeeded(reply) = outcome {
+            for (kind, n) in [
+                ("prompt", reply.usage.prompt_tokens),
+                ("completion", reply.usage.completion_tokens),
+            ] {
+                m.tokens
+                    .get_or_create(&vec![
+                        ("provider", provider.to_owned()),
+                        ("kind", kind.to_owned()),
+                    ])
+                    .inc_by(n);
+            }
+        }
+        if let Some(state) = circuit {
+            m.circuit_seen(provider, state);
         }
     }
 
@@ -922,6 +993,15 @@ pub async fn run(
     let providers = Arc::new(providers);
     let admission = Arc::new(Admission::new(&settings)?);
     let breaker = Arc::new(Breaker::new(&settings)?);
+    let metrics = crate::metrics::Metrics::new();
+    if let Some(bind) = settings
+        .worker
+        .metrics_bind
+        .as_deref()
+        .filter(|b| !b.is_empty())
+    {
+        crate::metrics::serve(bind, metrics.clone(), shutdown.child_token()).await?;
+    }
     tokio::spawn(admission.clone().heartbeat(shutdown.child_token()));
     tokio::spawn(reload_on_sighup(
         settings.source.clone(),
@@ -936,6 +1016,7 @@ pub async fn run(
             providers.clone(),
             admission.clone(),
             breaker.clone(),
+            metrics.clone(),
             &shutdown,
         )
         .await
@@ -967,6 +1048,7 @@ async fn consume_session(
     providers: Arc<BTreeMap<String, Arc<dyn Provider>>>,
     admission: Arc<Admission>,
     breaker: Arc<Breaker>,
+    metrics: Arc<crate::metrics::Metrics>,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
     let topology = Topology::new(settings.queue_prefix.clone());
@@ -994,6 +1076,7 @@ async fn consume_session(
         breaker,
         live: crate::live::LiveText::new(settings)?,
         cancels: crate::live::Cancels::start(settings, listeners),
+        metrics: metrics.clone(),
     });
     let mut consumer = channel
         .basic_consume(
@@ -1012,13 +1095,24 @@ async fn consume_session(
         topology.clone(),
         session.clone(),
     ));
+    tracker.spawn(watch_queues(
+        connection.create_channel().await?,
+        topology.clone(),
+        metrics.clone(),
+        session.clone(),
+    ));
     let result = loop {
         tokio::select! {
             () = shutdown.cancelled() => break Ok(()),
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let worker = worker.clone();
-                    tracker.spawn(async move { worker.process_one(delivery).await });
+                    tracker.spawn(async move {
+                        worker.metrics.in_flight.inc();
+                        let done = worker.process_one(delivery).await;
+                        worker.metrics.in_flight.dec();
+                        done
+                    });
                 }
                 Some(Err(e)) => break Err(anyhow::Error::from(e)),
                 None => break Err(anyhow::anyhow!("the broker closed the consumer")),
@@ -1047,6 +1141,36 @@ async fn consume_session(
     let _ = connection.close(200, "worker stopping").await;
     info!("worker stopped");
     result
+}
+
+/// Every 5 s, the ready messages of the work and dead-letter queues, for the metrics.
+async fn watch_queues(
+    channel: lapin::Channel,
+    topology: Topology,
+    metrics: Arc<crate::metrics::Metrics>,
+    stop: CancellationToken,
+) {
+    loop {
+        for queue in [topology.work_queue(), topology.dead_queue()] {
+            let passive = lapin::options::QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            };
+            if let Ok(q) = channel
+                .queue_declare(&queue, passive, FieldTable::default())
+                .await
+            {
+                metrics
+                    .queue_messages
+                    .get_or_create(&vec![("queue", queue.clone())])
+                    .set(i64::from(q.message_count()));
+            }
+        }
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_secs(5)) => {}
+        }
+    }
 }
 
 /// Every 15 s, publishes jobs a producer recorded but never published.

@@ -26,6 +26,7 @@ pub mod demo;
 pub mod dlq;
 pub mod doctor;
 pub mod live;
+pub mod metrics;
 pub mod outcome;
 pub mod provider;
 pub mod publish;

@@ -65,6 +65,10 @@ pub struct WorkerSettings {
     pub retry_base_ms: u64,
     /// Backoff cap.
     pub retry_cap_ms: u64,
+    /// Serve Prometheus metrics at `http://<this>/metrics` (e.g. `0.0.0.0:9464`); none
+    /// when unset.
+    #[serde(default)]
+    pub metrics_bind: Option<String>,
 }
 
 /// The global budget's behaviour.

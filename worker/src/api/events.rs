@@ -81,9 +81,11 @@ pub(crate) async fn job_events(
     let (tx, rx) = mpsc::channel::<Event>(64);
     let wake = state.hub.subscribe();
     tokio::spawn(async move {
+        state.metrics.streams.inc();
         if let Err(e) = follow(&state, id, cursor, wake, &tx).await {
             tracing::debug!(job = %id, error = %e, "event stream ended early");
         }
+        state.metrics.streams.dec();
     });
     let stream =
         futures_util::stream::unfold(

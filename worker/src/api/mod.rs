@@ -30,6 +30,7 @@ use auth::{Caller, Tenants};
 
 #[derive(Clone)]
 struct AppState {
+    metrics: std::sync::Arc<crate::metrics::ApiMetrics>,
     tenants: Tenants,
     admission: std::sync::Arc<crate::admission::Admission>,
     settings: std::sync::Arc<Settings>,
@@ -69,9 +70,11 @@ pub async fn start(
         .route("/healthz", get(healthz))
         .route("/", get(page))
         .route("/openapi.json", get(openapi))
+        .route("/metrics", get(metrics))
         .route("/v1/circuits", get(circuits))
         .layer(DefaultBodyLimit::max(body_limit))
         .with_state(AppState {
+            metrics: crate::metrics::ApiMetrics::new(),
             tenants: Tenants::new(&settings.api.tenants),
             admission: std::sync::Arc::new(crate::admission::Admission::new(settings)?),
             settings: std::sync::Arc::new(settings.clone()),
@@ -183,6 +186,11 @@ async fn create_job(
         trace_context: None,
     };
     let enqueued = state.client.enqueue_envelope(envelope).await?;
+    state
+        .metrics
+        .enqueued
+        .get_or_create(&vec![("duplicate", enqueued.duplicate.to_string())])
+        .inc();
     let code = if enqueued.duplicate {
         StatusCode::OK
     } else {
@@ -398,6 +406,12 @@ async fn cancel_job(
     };
     state.hub.poke(id.0);
     Ok(Json(status))
+}
+
+/// Prometheus metrics of this API process (workers serve their own on
+/// `worker.metrics_bind`).
+async fn metrics(State(state): State<AppState>) -> Response {
+    crate::metrics::response(state.metrics.render())
 }
 
 /// The OpenAPI 3.1 document of this API (kept beside the code; a test checks that it

@@ -149,24 +149,26 @@ impl Breaker {
         }
     }
 
-    /// Records a call's outcome.
-    pub async fn record(&self, provider: &str, signal: Signal) {
+    /// Records a call's outcome; returns the circuit's state after it, when known.
+    pub async fn record(&self, provider: &str, signal: Signal) -> Option<String> {
         match self
             .eval::<Vec<String>>(provider, "record", Some(signal.as_str()))
             .await
         {
-            Ok(state)
-                if signal != Signal::Success && state.first().is_some_and(|s| s == "open") =>
-            {
-                warn!(
-                    provider,
-                    signal = signal.as_str(),
-                    "circuit open: no calls to this provider until it cools down"
-                );
+            Ok(state) => {
+                let state = state.into_iter().next();
+                if signal != Signal::Success && state.as_deref() == Some("open") {
+                    warn!(
+                        provider,
+                        signal = signal.as_str(),
+                        "circuit open: no calls to this provider until it cools down"
+                    );
+                }
+                state
             }
-            Ok(_) => {}
             Err(e) => {
-                warn!(error = %e, provider, "could not record the call in the circuit breaker")
+                warn!(error = %e, provider, "could not record the call in the circuit breaker");
+                None
             }
         }
     }
