@@ -297,16 +297,12 @@ impl Client {
         // Tell the fleet (a worker waiting for budget for this job lets go at once) and
         // push-style listeners. The record above is what counts: a lost event only means
         // the worker notices when it next looks at the job.
-        let event = crate::JobEvent {
-            version: crate::PROTOCOL_VERSION,
-            job_id: id,
-            tenant: owner,
-            state: JobState::Cancelled,
-            at: Utc::now(),
-            attempt: u32::try_from(attempt).unwrap_or(0),
-            result: None,
-            error: None,
-        };
+        let event = crate::JobEvent::new(
+            id,
+            owner,
+            JobState::Cancelled,
+            u32::try_from(attempt).unwrap_or(0),
+        );
         if let Err(e) = self.publish_event(&event).await {
             tracing::warn!(job_id = %id, error = %e, "could not publish the cancellation event");
         }
@@ -315,37 +311,15 @@ impl Client {
             .ok_or(Error::NotFound(id))
     }
 
+    /// The `queued` transition for push-style listeners; its confirm is awaited off the
+    /// caller's path (the record and the job's message are what count, and an unawaited
+    /// confirm would be kept by the channel forever).
     async fn announce_queued(&self, envelope: &JobEnvelope) {
         let event = crate::JobEvent {
-            version: crate::PROTOCOL_VERSION,
-            job_id: envelope.id,
-            tenant: envelope.tenant.clone(),
-            state: JobState::Queued,
             at: envelope.created_at,
-            attempt: 0,
-            result: None,
-            error: None,
+            ..crate::JobEvent::new(envelope.id, envelope.tenant.clone(), JobState::Queued, 0)
         };
-        let Ok(channel) = self.channel().await else {
-            return;
-        };
-        let body = serde_json::to_vec(&event).unwrap_or_default();
-        let props = BasicProperties::default()
-            .with_content_type("application/json".into())
-            .with_delivery_mode(2)
-            .with_message_id(event.job_id.to_string().into());
-        match channel
-            .basic_publish(
-                &self.topology.events_exchange(),
-                &event.routing_key(),
-                BasicPublishOptions::default(),
-                &body,
-                props,
-            )
-            .await
-        {
-            // The confirm is awaited off the caller's path (an unawaited confirm would be
-            // kept by the channel forever).
+        match self.send_event(&event).await {
             Ok(confirm) => {
                 tokio::spawn(async move {
                     let _ = confirm.await;
@@ -358,13 +332,22 @@ impl Client {
     }
 
     async fn publish_event(&self, event: &crate::JobEvent) -> Result<()> {
+        self.send_event(event).await?.await?;
+        Ok(())
+    }
+
+    /// Publishes `event` on the events exchange; the confirm is the caller's to await.
+    async fn send_event(
+        &self,
+        event: &crate::JobEvent,
+    ) -> Result<lapin::publisher_confirm::PublisherConfirm> {
         let channel = self.channel().await?;
         let body = serde_json::to_vec(event).unwrap_or_default();
         let props = BasicProperties::default()
             .with_content_type("application/json".into())
             .with_delivery_mode(2)
             .with_message_id(event.job_id.to_string().into());
-        channel
+        Ok(channel
             .basic_publish(
                 &self.topology.events_exchange(),
                 &event.routing_key(),
@@ -372,9 +355,7 @@ impl Client {
                 &body,
                 props,
             )
-            .await?
-            .await?;
-        Ok(())
+            .await?)
     }
 
     /// Waits until the job reaches a terminal state, or `timeout` passes. Woken by the
@@ -498,14 +479,10 @@ impl Client {
             out.push((
                 seq,
                 crate::JobEvent {
-                    version: crate::PROTOCOL_VERSION,
-                    job_id: id,
-                    tenant,
-                    state,
                     at,
-                    attempt: u32::try_from(attempt).unwrap_or(0),
                     result,
                     error,
+                    ..crate::JobEvent::new(id, tenant, state, u32::try_from(attempt).unwrap_or(0))
                 },
             ));
         }

@@ -419,6 +419,20 @@ pub struct JobEvent {
 }
 
 impl JobEvent {
+    /// A transition of `job_id` into `state` now, without result or error.
+    pub fn new(job_id: JobId, tenant: impl Into<String>, state: JobState, attempt: u32) -> Self {
+        Self {
+            version: PROTOCOL_VERSION,
+            job_id,
+            tenant: tenant.into(),
+            state,
+            at: Utc::now(),
+            attempt,
+            result: None,
+            error: None,
+        }
+    }
+
     /// The routing key on the events exchange: `<tenant>.<state>`.
     pub fn routing_key(&self) -> String {
         format!("{}.{}", self.tenant, self.state)

@@ -86,6 +86,48 @@ impl Topology {
             .unwrap_or(DELAY_TIERS_SECS[0])
     }
 
+    /// Declares the topology and a private queue (exclusive, gone with `channel`) bound to
+    /// the events exchange with `binding` (e.g. `#`, `acme.*`, `#.cancelled`), and consumes
+    /// it without acks: for listeners that only need to be woken.
+    pub async fn follow_events(
+        &self,
+        channel: &Channel,
+        binding: &str,
+    ) -> Result<lapin::Consumer, lapin::Error> {
+        self.declare(channel).await?;
+        let q = channel
+            .queue_declare(
+                "",
+                QueueDeclareOptions {
+                    exclusive: true,
+                    auto_delete: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .queue_bind(
+                q.name().as_str(),
+                &self.events_exchange(),
+                binding,
+                lapin::options::QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        channel
+            .basic_consume(
+                q.name().as_str(),
+                "",
+                lapin::options::BasicConsumeOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+    }
+
     /// Declares every queue and exchange (idempotent).
     pub async fn declare(&self, channel: &Channel) -> Result<(), lapin::Error> {
         let durable = QueueDeclareOptions {

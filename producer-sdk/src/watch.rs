@@ -7,8 +7,6 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-use lapin::types::FieldTable;
 use tokio::sync::broadcast;
 
 use crate::protocol::JobEvent;
@@ -34,37 +32,7 @@ pub(crate) fn start(amqp_url: String, topology: Topology) -> Listener {
             let session = async {
                 let conn = crate::connect_amqp(&amqp_url, "llmq-producer-events").await?;
                 let ch = conn.create_channel().await?;
-                topology.declare(&ch).await?;
-                let q = ch
-                    .queue_declare(
-                        "",
-                        QueueDeclareOptions {
-                            exclusive: true,
-                            auto_delete: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await?;
-                ch.queue_bind(
-                    q.name().as_str(),
-                    &topology.events_exchange(),
-                    "#",
-                    QueueBindOptions::default(),
-                    FieldTable::default(),
-                )
-                .await?;
-                let mut consumer = ch
-                    .basic_consume(
-                        q.name().as_str(),
-                        "",
-                        BasicConsumeOptions {
-                            no_ack: true,
-                            ..Default::default()
-                        },
-                        FieldTable::default(),
-                    )
-                    .await?;
+                let mut consumer = topology.follow_events(&ch, "#").await?;
                 while let Some(delivery) = consumer.next().await {
                     let delivery = delivery?;
                     let Some(tx) = weak.upgrade() else {

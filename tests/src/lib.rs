@@ -202,6 +202,16 @@ impl TestApp {
         format!("http://{}", self.api_addr.expect("API started"))
     }
 
+    /// `GET <api><path>` as JSON, whatever the status.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        reqwest::get(format!("{}{path}", self.api_url()))
+            .await
+            .expect("API reachable")
+            .json()
+            .await
+            .expect("a JSON body")
+    }
+
     /// The topology of this app.
     pub fn topology(&self) -> Topology {
         Topology::new(self.prefix.clone())

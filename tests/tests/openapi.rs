@@ -100,54 +100,19 @@ async fn the_document_matches_what_is_served() {
     }
 
     // Bodies carry only documented fields.
-    let status: Value = http
-        .get(format!("{}/v1/jobs/{id}", app.api_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let status = app.get_json(&format!("/v1/jobs/{id}")).await;
     assert_eq!(status["state"], "succeeded");
     assert_described(&doc, "JobStatus", &status);
     assert_described(&doc, "CompletionResult", &status["result"]);
     assert_described(&doc, "Usage", &status["result"]["usage"]);
-    let page: Value = http
-        .get(format!("{}/v1/jobs", app.api_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let page = app.get_json("/v1/jobs").await;
     assert_described(&doc, "JobPage", &page);
     assert_described(&doc, "JobSummary", &page["jobs"][0]);
-    let err: Value = http
-        .get(format!("{}/v1/jobs/not-a-uuid", app.api_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let err = app.get_json("/v1/jobs/not-a-uuid").await;
     assert_described(&doc, "Error", &err);
-    let health: Value = http
-        .get(format!("{}/healthz", app.api_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let health = app.get_json("/healthz").await;
     assert_described(&doc, "Health", &health);
-    let circuits: Value = http
-        .get(format!("{}/v1/circuits", app.api_url()))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let circuits = app.get_json("/v1/circuits").await;
     assert_described(&doc, "CircuitState", &circuits[0]);
 
     // The page is served as HTML.

@@ -28,12 +28,7 @@ async fn app() -> TestApp {
 }
 
 async fn status(app: &TestApp, id: JobId) -> Value {
-    reqwest::get(format!("{}/v1/jobs/{id}", app.api_url()))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
+    app.get_json(&format!("/v1/jobs/{id}")).await
 }
 
 async fn enqueue(app: &TestApp, n: usize) -> Vec<JobId> {

@@ -107,9 +107,6 @@ async fn wait_finishes_even_when_no_event_comes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_transition_is_published_by_tenant_and_state() {
-    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::FieldTable;
-
     let app = spawn_app_with(AppOptions {
         mock: MockConfig {
             latency: Duration::from_millis(200),
@@ -119,39 +116,7 @@ async fn every_transition_is_published_by_tenant_and_state() {
     })
     .await;
     let (_conn, ch) = app.channel().await;
-    let q = ch
-        .queue_declare(
-            "",
-            QueueDeclareOptions {
-                exclusive: true,
-                auto_delete: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
-    ch.queue_bind(
-        q.name().as_str(),
-        &app.topology().events_exchange(),
-        "acme.*",
-        QueueBindOptions::default(),
-        FieldTable::default(),
-    )
-    .await
-    .unwrap();
-    let mut consumer = ch
-        .basic_consume(
-            q.name().as_str(),
-            "",
-            BasicConsumeOptions {
-                no_ack: true,
-                ..Default::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .unwrap();
+    let mut consumer = app.topology().follow_events(&ch, "acme.*").await.unwrap();
 
     let client = app.client().await;
     let other = client

@@ -26,7 +26,6 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable};
 use llmq_producer_sdk::{
     CompletionResult, ErrorSummary, JobEnvelope, JobEvent, JobState, Route, Topology,
-    PROTOCOL_VERSION,
 };
 use secrecy::ExposeSecret;
 use sqlx::PgPool;
@@ -204,42 +203,23 @@ impl Worker {
             let message = format!(
                 "its message came back {returns} times without an outcome (workers crashed, lost their connection or drained while holding it); failed so it stops cycling; once the cause is fixed: llmq dlq replay {id}"
             );
-            let t = Transition {
-                state: JobState::Failed,
-                attempt: 0,
-                result: None,
-                error: Some(("undeliverable", &message)),
-                evidence: None,
-                detail: None,
-            };
-            if self
-                .durably("record undeliverable", || store::record(&self.pool, id, &t))
+            if !self
+                .end_without_call(&env, JobState::Failed, "undeliverable", &message)
                 .await
-                .is_none()
             {
                 return Processed::HandedBack;
             }
-            self.emit(&env, JobState::Failed, 0, None, t.error).await;
             return self.reject(delivery, &message, "undeliverable").await;
         }
 
         if env.deadline.is_some_and(|d| d <= Utc::now()) {
-            let t = Transition {
-                state: JobState::Expired,
-                attempt: 0,
-                result: None,
-                error: Some(("expired", "deadline passed before the job could run")),
-                evidence: None,
-                detail: None,
-            };
-            if self
-                .durably("record expiry", || store::record(&self.pool, id, &t))
+            let message = "deadline passed before the job could run";
+            if !self
+                .end_without_call(&env, JobState::Expired, "expired", message)
                 .await
-                .is_none()
             {
                 return Processed::HandedBack;
             }
-            self.emit(&env, JobState::Expired, 0, None, t.error).await;
             ack(&delivery).await;
             return Processed::Expired;
         }
@@ -845,21 +825,45 @@ impl Worker {
                 .inc();
         }
         let event = JobEvent {
-            version: PROTOCOL_VERSION,
-            job_id: env.id,
-            tenant: env.tenant.clone(),
-            state,
-            at: Utc::now(),
-            attempt,
             result,
             error: error.map(|(c, m)| ErrorSummary {
                 class: c.to_owned(),
                 message: m.to_owned(),
             }),
+            ..JobEvent::new(env.id, env.tenant.clone(), state, attempt)
         };
         if let Err(e) = self.publisher.event(&event).await {
             warn!(error = %e, "could not publish the job event; the record is durable");
         }
+    }
+
+    /// Records a terminal `state` reached without a provider call (no attempt counted) and
+    /// publishes it; false when the store stayed unreachable past the drain deadline.
+    async fn end_without_call(
+        &self,
+        env: &JobEnvelope,
+        state: JobState,
+        class: &str,
+        message: &str,
+    ) -> bool {
+        let t = Transition {
+            state,
+            attempt: 0,
+            result: None,
+            error: Some((class, message)),
+            evidence: None,
+            detail: None,
+        };
+        let what = format!("record {state}");
+        if self
+            .durably(&what, || store::record(&self.pool, env.id, &t))
+            .await
+            .is_none()
+        {
+            return false;
+        }
+        self.emit(env, state, 0, None, t.error).await;
+        true
     }
 
     /// Counts a provider call: outcome, class, latency, tokens, and the circuit as seen.
@@ -907,16 +911,7 @@ impl Worker {
     /// Publishes a non-terminal transition without waiting for the broker's confirm (the
     /// record in PostgreSQL is what counts; this is a courtesy to listeners).
     fn emit_progress(&self, env: &JobEnvelope, state: JobState, attempt: u32) {
-        let event = JobEvent {
-            version: PROTOCOL_VERSION,
-            job_id: env.id,
-            tenant: env.tenant.clone(),
-            state,
-            at: Utc::now(),
-            attempt,
-            result: None,
-            error: None,
-        };
+        let event = JobEvent::new(env.id, env.tenant.clone(), state, attempt);
         let publisher = self.publisher.clone();
         tokio::spawn(async move {
             if let Err(e) = publisher.event(&event).await {
@@ -1075,7 +1070,7 @@ async fn consume_session(
         admission,
         breaker,
         live: crate::live::LiveText::new(settings)?,
-        cancels: crate::live::Cancels::start(settings, listeners),
+        cancels: crate::live::Cancels::start(&connection, &topology, listeners).await?,
         metrics: metrics.clone(),
     });
     let mut consumer = channel

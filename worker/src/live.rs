@@ -207,7 +207,6 @@ impl Hub {
         tokio::spawn(listen_broker(
             settings.amqp_url.expose_secret().to_owned(),
             llmq_producer_sdk::Topology::new(settings.queue_prefix.clone()),
-            "#",
             hub.tx.clone(),
             shutdown,
         ));
@@ -278,52 +277,19 @@ async fn listen_redis(
     }
 }
 
-/// Sends the job id of every event on the events exchange matching `binding`.
+/// Sends the job id of every event on the events exchange.
 async fn listen_broker(
     url: String,
     topology: llmq_producer_sdk::Topology,
-    binding: &'static str,
     tx: broadcast::Sender<Uuid>,
     shutdown: CancellationToken,
 ) {
     use futures_util::StreamExt;
-    use lapin::options::{BasicConsumeOptions, QueueBindOptions, QueueDeclareOptions};
-    use lapin::types::FieldTable;
     while !shutdown.is_cancelled() {
         let session = async {
             let conn = llmq_producer_sdk::connect_amqp(&url, "llmq-events-listener").await?;
             let ch = conn.create_channel().await?;
-            topology.declare(&ch).await?;
-            let q = ch
-                .queue_declare(
-                    "",
-                    QueueDeclareOptions {
-                        exclusive: true,
-                        auto_delete: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
-            ch.queue_bind(
-                q.name().as_str(),
-                &topology.events_exchange(),
-                binding,
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-            let mut consumer = ch
-                .basic_consume(
-                    q.name().as_str(),
-                    "",
-                    BasicConsumeOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await?;
+            let mut consumer = topology.follow_events(&ch, "#").await?;
             while let Some(delivery) = consumer.next().await {
                 let delivery = delivery?;
                 if let Ok(e) = serde_json::from_slice::<llmq_producer_sdk::JobEvent>(&delivery.data)
@@ -379,36 +345,41 @@ impl Drop for CancelWatch {
 }
 
 impl Cancels {
-    /// Starts listening until `shutdown`.
-    pub fn start(settings: &Settings, shutdown: CancellationToken) -> Arc<Self> {
+    /// Subscribes on the worker's broker `connection` and listens until `stop` or until
+    /// the connection goes (its session ends then too). Returns once the subscription is
+    /// bound, so a worker starts consuming only when it can hear cancellations.
+    pub async fn start(
+        connection: &lapin::Connection,
+        topology: &llmq_producer_sdk::Topology,
+        stop: CancellationToken,
+    ) -> Result<Arc<Self>, lapin::Error> {
+        use futures_util::StreamExt;
+        let channel = connection.create_channel().await?;
+        let mut events = topology.follow_events(&channel, "#.cancelled").await?;
         let cancels = Arc::new(Self::default());
-        let (tx, mut rx) = broadcast::channel::<Uuid>(1024);
-        tokio::spawn(listen_broker(
-            settings.amqp_url.expose_secret().to_owned(),
-            llmq_producer_sdk::Topology::new(settings.queue_prefix.clone()),
-            "#.cancelled",
-            tx,
-            shutdown.clone(),
-        ));
         let c = cancels.clone();
         tokio::spawn(async move {
+            let _channel = channel;
             loop {
-                let id = tokio::select! {
-                    () = shutdown.cancelled() => return,
-                    r = rx.recv() => match r {
-                        Ok(id) => id,
-                        Err(broadcast::error::RecvError::Lagged(_)) => continue,
-                        Err(broadcast::error::RecvError::Closed) => return,
+                let delivery = tokio::select! {
+                    () = stop.cancelled() => return,
+                    d = events.next() => match d {
+                        Some(Ok(d)) => d,
+                        _ => return,
                     },
                 };
+                let Ok(e) = serde_json::from_slice::<llmq_producer_sdk::JobEvent>(&delivery.data)
+                else {
+                    continue;
+                };
                 if let Ok(w) = c.waiting.lock() {
-                    for (_, t) in w.get(&id).into_iter().flatten() {
+                    for (_, t) in w.get(&e.job_id.0).into_iter().flatten() {
                         t.cancel();
                     }
                 }
             }
         });
-        cancels
+        Ok(cancels)
     }
 
     /// Watches `id` for a cancellation while the returned guard lives.
