@@ -105,6 +105,7 @@ pub(crate) async fn messages(
         .unwrap_or_default()
         .trim()
         .to_owned();
+    let parsed = state.arrive(&key, &body);
     let count = |usage: Option<(u64, u64)>| {
         if let Ok(mut s) = state.stats.lock() {
             s.count(&key, usage);
@@ -136,9 +137,8 @@ pub(crate) async fn messages(
     }
     let faults = state.faults();
     if let Some(stall) = faults.stall() {
-        // Counted on arrival: the client usually gives up before the answer.
-        count(None);
         tokio::time::sleep(stall).await;
+        count(None);
         return crate::faults::gateway_timeout(true);
     }
     if let Some(injected) = faults.pick(&key, true) {
@@ -149,7 +149,7 @@ pub(crate) async fn messages(
             Injected::Truncate => crate::faults::truncate(),
         };
     }
-    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+    let Some(req) = parsed else {
         count(None);
         return error(
             StatusCode::BAD_REQUEST,
@@ -189,15 +189,7 @@ pub(crate) async fn messages(
     let mut input_tokens = req.get("system").and_then(Value::as_str).map_or(0, tokens);
     let mut last_user = String::new();
     for m in &messages {
-        let content = match m.get("content") {
-            Some(Value::String(s)) => s.clone(),
-            Some(Value::Array(parts)) => parts
-                .iter()
-                .filter_map(|p| p.get("text").and_then(Value::as_str))
-                .collect::<Vec<_>>()
-                .join(""),
-            _ => String::new(),
-        };
+        let content = crate::content_text(m.get("content"));
         input_tokens += tokens(&content) + 3;
         if m.get("role").and_then(Value::as_str) == Some("user") {
             last_user = content;

@@ -12,8 +12,10 @@
 //! - `limits` ([`Limits`]): RPM/TPM per key, with the providers' 429 bodies and headers.
 //! - `faults` ([`Faults`]): 5xx, overload, resets, truncated bodies, stalls, per-key
 //!   quota/auth failures, a context window; changeable at run time (`PUT /_mock/faults`).
-//! - [`Stats`]: what was asked and answered, per key (`GET /_mock/stats`,
-//!   `POST /_mock/reset`).
+//! - [`Stats`]: what was asked (counted at arrival) and answered, per key
+//!   (`GET /_mock/stats`, `POST /_mock/reset`).
+//! - Calls per prompt: how many completion requests arrived for each last user message
+//!   ([`MockHandle::calls`], `GET /_mock/calls`), to count duplicate calls per job.
 //!
 //! Token estimate (`usage`): `ceil(chars / 4)` per message content plus 4 per message for
 //! the prompt; `ceil(chars / 4)`, at least 1, for the completion.
@@ -28,12 +30,14 @@ mod openai;
 mod stats;
 mod stream;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 pub use faults::Faults;
@@ -65,10 +69,14 @@ pub struct Admitted {
     pub tokens: u64,
 }
 
+/// Completion requests arrived per last user message.
+type Calls = BTreeMap<String, u64>;
+
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub config: Arc<MockConfig>,
     pub stats: Arc<Mutex<Stats>>,
+    pub calls: Arc<Mutex<Calls>>,
     pub limiter: Arc<Mutex<limits::Limiter>>,
     pub admitted: Arc<Mutex<Vec<Admitted>>>,
     pub started: std::time::Instant,
@@ -93,6 +101,22 @@ impl AppState {
         self.faults.write().map_or(Duration::ZERO, |mut f| {
             Duration::from_millis(std::mem::take(&mut f.refuse_ms))
         })
+    }
+
+    /// Counts a completion request from `key` the moment it arrives (before any latency,
+    /// stall or fault) and records its last user message; returns the parsed body, if it
+    /// is JSON.
+    pub(crate) fn arrive(&self, key: &str, body: &[u8]) -> Option<Value> {
+        if let Ok(mut s) = self.stats.lock() {
+            s.arrived(key);
+        }
+        let req = serde_json::from_slice::<Value>(body).ok();
+        if let Some(prompt) = req.as_ref().and_then(last_user) {
+            if let Ok(mut calls) = self.calls.lock() {
+                *calls.entry(prompt).or_default() += 1;
+            }
+        }
+        req
     }
 
     pub(crate) fn faults(&self) -> Faults {
@@ -121,6 +145,7 @@ pub struct MockHandle {
     /// Where it listens.
     pub addr: SocketAddr,
     stats: Arc<Mutex<Stats>>,
+    calls: Arc<Mutex<Calls>>,
     admitted: Arc<Mutex<Vec<Admitted>>>,
     started: std::time::Instant,
     faults: Arc<std::sync::RwLock<Faults>>,
@@ -137,6 +162,15 @@ impl MockHandle {
     /// A snapshot of the counters.
     pub fn stats(&self) -> Stats {
         self.stats.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// Completion requests arrived so far per last user message (OpenAI: the last
+    /// `messages` entry with role `user`; Anthropic: the same from `messages`; the text of
+    /// a string content or the text parts of an array), counted at arrival whatever the
+    /// answer. A body that is not JSON, or has no user message, is not recorded here (it
+    /// still counts in [`Stats::requests_total`]).
+    pub fn calls(&self) -> BTreeMap<String, u64> {
+        self.calls.lock().map(|c| c.clone()).unwrap_or_default()
     }
 
     /// Milliseconds since the mock started (the clock of [`Admitted::at_ms`]).
@@ -168,6 +202,7 @@ fn router(state: AppState) -> Router {
         .route("/v1/messages", post(anthropic::messages))
         .route("/_mock/stats", get(get_stats))
         .route("/_mock/reset", post(reset_stats))
+        .route("/_mock/calls", get(get_calls))
         .route("/_mock/admitted", get(get_admitted))
         .route("/_mock/faults", get(get_faults).put(put_faults))
         .route("/healthz", get(|| async { "ok" }))
@@ -176,6 +211,10 @@ fn router(state: AppState) -> Router {
 
 async fn get_stats(axum::extract::State(state): axum::extract::State<AppState>) -> Json<Stats> {
     Json(state.stats.lock().map(|s| s.clone()).unwrap_or_default())
+}
+
+async fn get_calls(axum::extract::State(state): axum::extract::State<AppState>) -> Json<Calls> {
+    Json(state.calls.lock().map(|c| c.clone()).unwrap_or_default())
 }
 
 async fn get_admitted(
@@ -201,6 +240,9 @@ async fn reset_stats(axum::extract::State(state): axum::extract::State<AppState>
     if let Ok(mut s) = state.stats.lock() {
         *s = Stats::default();
     }
+    if let Ok(mut c) = state.calls.lock() {
+        c.clear();
+    }
     if let Ok(mut a) = state.admitted.lock() {
         a.clear();
     }
@@ -212,6 +254,7 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
     let listener = tokio::net::TcpListener::bind(bind).await?;
     let addr = listener.local_addr()?;
     let stats = Arc::new(Mutex::new(Stats::default()));
+    let calls = Arc::new(Mutex::new(Calls::new()));
     let admitted = Arc::new(Mutex::new(Vec::new()));
     let limiter = Arc::new(Mutex::new(limits::Limiter::new(
         config.limits.clone().unwrap_or_default(),
@@ -224,6 +267,7 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
         faults: faults.clone(),
         config: Arc::new(config),
         stats: stats.clone(),
+        calls: calls.clone(),
         limiter,
         admitted: admitted.clone(),
         started,
@@ -233,6 +277,7 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
     Ok(MockHandle {
         addr,
         stats,
+        calls,
         admitted,
         started,
         faults,
@@ -315,6 +360,28 @@ pub(crate) fn reply(last_user: &str, max_tokens: Option<u64>) -> (String, bool) 
         }
         _ => (full, false),
     }
+}
+
+/// The text of a message's `content`: a string, or the `text` parts of an array.
+pub(crate) fn content_text(content: Option<&Value>) -> String {
+    match content {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(parts)) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect(),
+        _ => String::new(),
+    }
+}
+
+/// The text of the last `messages` entry with role `user` (OpenAI and Anthropic alike).
+fn last_user(req: &Value) -> Option<String> {
+    req.get("messages")?
+        .as_array()?
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        .map(|m| content_text(m.get("content")))
 }
 
 /// `req_` + 32 hex characters.

@@ -91,6 +91,7 @@ pub(crate) async fn chat_completions(
         .unwrap_or_default()
         .trim()
         .to_owned();
+    let parsed = state.arrive(&key, &body);
     let count = |usage: Option<(u64, u64)>| {
         if let Ok(mut s) = state.stats.lock() {
             s.count(&key, usage);
@@ -114,9 +115,8 @@ pub(crate) async fn chat_completions(
     }
     let faults = state.faults();
     if let Some(stall) = faults.stall() {
-        // Counted on arrival: the client usually gives up before the answer.
-        count(None);
         tokio::time::sleep(stall).await;
+        count(None);
         return crate::faults::gateway_timeout(false);
     }
     if let Some(injected) = faults.pick(&key, false) {
@@ -127,7 +127,7 @@ pub(crate) async fn chat_completions(
             Injected::Truncate => crate::faults::truncate(),
         };
     }
-    let Ok(req) = serde_json::from_slice::<Value>(&body) else {
+    let Some(req) = parsed else {
         count(None);
         return error(StatusCode::BAD_REQUEST, "We could not parse the JSON body of your request. (HINT: This likely means you aren't using your HTTP library correctly. The OpenAI API expects a JSON payload, but what was sent was not valid JSON.)", "invalid_request_error", None, None, started);
     };
@@ -173,7 +173,7 @@ pub(crate) async fn chat_completions(
                 started,
             );
         };
-        let content = content_text(m.get("content"));
+        let content = crate::content_text(m.get("content"));
         prompt_tokens += tokens(&content) + 4;
         if role == "user" {
             last_user = content;
@@ -354,18 +354,6 @@ fn dim_words(state: &AppState, dim: Dim) -> (&'static str, u64) {
         Dim::Requests if l.per_second => ("requests per min (RPM)", l.rpm.unwrap_or(0)),
         Dim::Requests => ("requests per min (RPM)", l.rpm.unwrap_or(0)),
         _ => ("tokens per min (TPM)", l.tpm.unwrap_or(0)),
-    }
-}
-
-/// The text of a message's `content`: a string, or the `text` parts of an array.
-fn content_text(content: Option<&Value>) -> String {
-    match content {
-        Some(Value::String(s)) => s.clone(),
-        Some(Value::Array(parts)) => parts
-            .iter()
-            .filter_map(|p| p.get("text").and_then(Value::as_str))
-            .collect(),
-        _ => String::new(),
     }
 }
 

@@ -3,9 +3,13 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Counters of everything the mock was asked.
+///
+/// `requests_total` counts at arrival, before any latency, stall or fault, so calls a
+/// client abandons mid-flight are counted; the outcomes count when answered, so
+/// `succeeded + rejected` may lag behind `requests_total` (never answered, or not yet).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Stats {
-    /// Requests received on the completion endpoints.
+    /// Requests received on the completion endpoints (counted at arrival).
     pub requests_total: u64,
     /// Answered with a completion.
     pub succeeded: u64,
@@ -20,7 +24,7 @@ pub struct Stats {
 /// Counters of one key.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct KeyStats {
-    /// Requests.
+    /// Requests (counted at arrival).
     pub requests: u64,
     /// Completions.
     pub succeeded: u64,
@@ -35,6 +39,12 @@ pub struct KeyStats {
 }
 
 impl Stats {
+    /// Counts one completion request from `key` the moment it arrives.
+    pub(crate) fn arrived(&mut self, key: &str) {
+        self.requests_total += 1;
+        self.by_key.entry(crate::redact(key)).or_default().requests += 1;
+    }
+
     /// Counts one 429 rate-limit answer for `key`.
     pub(crate) fn count_limited(&mut self, key: &str) {
         self.count(key, None);
@@ -44,11 +54,10 @@ impl Stats {
         }
     }
 
-    /// Counts one answer for `key`: `Some((prompt, completion))` on success.
+    /// Counts one answer for `key`: `Some((prompt, completion))` on success. The request
+    /// itself was counted at arrival ([`Stats::arrived`]).
     pub(crate) fn count(&mut self, key: &str, usage: Option<(u64, u64)>) {
-        self.requests_total += 1;
         let k = self.by_key.entry(crate::redact(key)).or_default();
-        k.requests += 1;
         match usage {
             Some((p, c)) => {
                 self.succeeded += 1;

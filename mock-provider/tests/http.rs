@@ -25,14 +25,14 @@ impl Reply {
     }
 }
 
-async fn call(
+/// Sends one request (any body text) and returns the open connection, unread.
+async fn open(
     mock: &MockHandle,
     method: &str,
     path: &str,
     headers: &[(&str, &str)],
-    body: Option<&Value>,
-) -> anyhow::Result<Reply> {
-    let body = body.map(Value::to_string).unwrap_or_default();
+    body: &str,
+) -> anyhow::Result<tokio::net::TcpStream> {
     let mut req = format!(
         "{method} {path} HTTP/1.1\r\nhost: {}\r\nconnection: close\r\ncontent-type: application/json\r\ncontent-length: {}\r\n",
         mock.addr,
@@ -42,9 +42,31 @@ async fn call(
         req.push_str(&format!("{k}: {v}\r\n"));
     }
     req.push_str("\r\n");
-    req.push_str(&body);
+    req.push_str(body);
     let mut stream = tokio::net::TcpStream::connect(mock.addr).await?;
     stream.write_all(req.as_bytes()).await?;
+    Ok(stream)
+}
+
+async fn call(
+    mock: &MockHandle,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: Option<&Value>,
+) -> anyhow::Result<Reply> {
+    let body = body.map(Value::to_string).unwrap_or_default();
+    call_raw(mock, method, path, headers, &body).await
+}
+
+async fn call_raw(
+    mock: &MockHandle,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> anyhow::Result<Reply> {
+    let mut stream = open(mock, method, path, headers, body).await?;
     let mut raw = Vec::new();
     stream.read_to_end(&mut raw).await?;
     let raw = String::from_utf8(raw)?;
@@ -358,5 +380,125 @@ async fn admin_endpoints_and_latency() -> anyhow::Result<()> {
     mock.shutdown();
     tokio::time::sleep(Duration::from_millis(100)).await;
     assert!(call(&mock, "GET", "/healthz", &[], None).await.is_err());
+    Ok(())
+}
+
+const ANT_KEY: (&str, &str) = ("x-api-key", "sk-ant-test-0000wxyz");
+const ANT_VERSION: (&str, &str) = ("anthropic-version", "2023-06-01");
+
+fn ant(content: Value) -> Value {
+    json!({"model": "claude-3-5-haiku-latest", "max_tokens": 64,
+        "messages": [{"role": "user", "content": content}]})
+}
+
+/// Polls `cond` every 10 ms for up to 2 s.
+async fn eventually(what: &str, cond: impl Fn() -> bool) -> anyhow::Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(2);
+    while !cond() {
+        anyhow::ensure!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn requests_count_at_arrival_even_when_the_client_gives_up() -> anyhow::Result<()> {
+    let config = MockConfig {
+        latency: Duration::from_millis(400),
+        ..MockConfig::default()
+    };
+    let mock = spawn("127.0.0.1:0", config).await?;
+    let conn = open(
+        &mock,
+        "POST",
+        "/v1/chat/completions",
+        &[BEARER],
+        &chat("abandoned").to_string(),
+    )
+    .await?;
+    // Counted while the answer is still being slept on.
+    eventually("arrival counted", || mock.stats().requests_total == 1).await?;
+    let s = mock.stats();
+    assert_eq!((s.succeeded, s.rejected), (0, 0));
+    assert_eq!(s.by_key.get("sk-…abcd").map(|k| k.requests), Some(1));
+    drop(conn);
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let s = mock.stats();
+    // The handler went with the connection: never answered, never counted as answered.
+    assert_eq!((s.requests_total, s.succeeded, s.rejected), (1, 0, 0));
+
+    // A call that completes counts once, not again when answered.
+    let r = call(
+        &mock,
+        "POST",
+        "/v1/chat/completions",
+        &[BEARER],
+        Some(&chat("kept")),
+    )
+    .await?;
+    assert_eq!(r.status, 200);
+    let s = mock.stats();
+    assert_eq!(s.requests_total, 2);
+    assert_eq!(s.by_key.get("sk-…abcd").map(|k| k.requests), Some(2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn calls_are_counted_per_prompt_at_arrival() -> anyhow::Result<()> {
+    let mock = spawn("127.0.0.1:0", MockConfig::default()).await?;
+    let openai = "/v1/chat/completions";
+    for _ in 0..2 {
+        let r = call(&mock, "POST", openai, &[BEARER], Some(&chat("alpha"))).await?;
+        assert_eq!(r.status, 200);
+    }
+    // Rejected (no model), still recorded.
+    let r = call(
+        &mock,
+        "POST",
+        openai,
+        &[BEARER],
+        Some(&json!({"messages": [{"role": "user", "content": "beta"}]})),
+    )
+    .await?;
+    assert_eq!(r.status, 400);
+    // Text parts of an array; the last user message even when an assistant one follows.
+    let body = json!({"model": "m", "messages": [
+        {"role": "user", "content": "not this one"},
+        {"role": "user", "content": [{"type": "text", "text": "gam"}, {"type": "image_url", "image_url": {"url": "x"}}, {"type": "text", "text": "ma"}]},
+        {"role": "assistant", "content": "earlier answer"}
+    ]});
+    let r = call(&mock, "POST", openai, &[BEARER], Some(&body)).await?;
+    assert_eq!(r.status, 200);
+    // Not JSON: counted as a request, not per prompt.
+    let r = call_raw(&mock, "POST", openai, &[BEARER], "{\"model\": ").await?;
+    assert_eq!(r.status, 400);
+    // Anthropic: refused for the missing key, still recorded; text blocks.
+    let m = "/v1/messages";
+    let r = call(&mock, "POST", m, &[ANT_VERSION], Some(&ant(json!("delta")))).await?;
+    assert_eq!(r.status, 401);
+    let blocks = ant(json!([{"type": "text", "text": "ep"}, {"type": "text", "text": "silon"}]));
+    let r = call(&mock, "POST", m, &[ANT_KEY, ANT_VERSION], Some(&blocks)).await?;
+    assert_eq!(r.status, 200, "{}", r.body);
+
+    let want: std::collections::BTreeMap<String, u64> = [
+        ("alpha", 2),
+        ("beta", 1),
+        ("gamma", 1),
+        ("delta", 1),
+        ("epsilon", 1),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v))
+    .collect();
+    assert_eq!(mock.calls(), want);
+    let r = call(&mock, "GET", "/_mock/calls", &[], None).await?;
+    assert_eq!(r.json()?, serde_json::to_value(&want)?);
+    let s = mock.stats();
+    assert_eq!((s.requests_total, s.succeeded, s.rejected), (7, 4, 3));
+
+    call(&mock, "POST", "/_mock/reset", &[], None).await?;
+    assert!(mock.calls().is_empty());
+    let r = call(&mock, "GET", "/_mock/calls", &[], None).await?;
+    assert_eq!(r.json()?, json!({}));
     Ok(())
 }
