@@ -1,6 +1,7 @@
 //! `classify`: the one function from a provider answer (or transport error) to what
 //! happens next. It reads the body and headers, not the status code alone.
 
+use std::sync::LazyLock;
 use std::time::Duration;
 
 use serde_json::Value;
@@ -58,6 +59,15 @@ impl ErrorClass {
         }
     }
 
+    /// Whether this route can never serve the job (the key is out of quota or refused, or
+    /// may not use the model), so the job's next route should be tried at once.
+    pub fn route_cannot_serve(self) -> bool {
+        matches!(
+            self,
+            ErrorClass::QuotaExhausted | ErrorClass::Auth | ErrorClass::Permission
+        )
+    }
+
     /// Whether another attempt can succeed.
     pub fn is_retryable(self) -> bool {
         matches!(
@@ -98,10 +108,71 @@ pub enum Outcome {
     Fatal(Failure),
 }
 
+/// The longest provider message kept as evidence, in bytes.
+pub const MAX_MESSAGE_BYTES: usize = 1000;
+
+/// The longest prefix of `s` that is at most `max_bytes` long and ends on a character
+/// boundary (a byte offset can fall inside a multi-byte character).
+pub fn cut(s: &str, max_bytes: usize) -> &str {
+    if s.len() <= max_bytes {
+        return s;
+    }
+    let mut end = max_bytes;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// Key-like strings providers echo in their errors: API keys (whole or masked),
+/// organisation and project ids, bearer tokens.
+static SECRET_LIKE: LazyLock<Option<regex::Regex>> = LazyLock::new(|| {
+    regex::Regex::new(
+        r"(?i)\b(?:sk|rk|pk)[-_][A-Za-z0-9_*\-.]{4,}|\b(?:org|proj|acct)[-_][A-Za-z0-9]{6,}|\bbearer\s+\S+|\b[A-Za-z0-9_\-]{32,}\b",
+    )
+    .ok()
+});
+
+/// `message` with whatever looks like a key or an account id replaced by `[redacted]`, so
+/// evidence can be recorded, logged and shown to tenants.
+pub fn redact(message: &str) -> String {
+    match SECRET_LIKE.as_ref() {
+        Some(re) => re.replace_all(message, "[redacted]").into_owned(),
+        None => message.to_owned(),
+    }
+}
+
+/// A provider's text made fit for the record: cut on a character boundary, redacted.
+fn evidence_text(message: &str) -> String {
+    let cut_to = cut(message, MAX_MESSAGE_BYTES);
+    let mut text = redact(cut_to);
+    if cut_to.len() < message.len() {
+        text.push_str(" …");
+    }
+    text
+}
+
 /// Maps one call's result to an [`Outcome`].
 pub fn classify(result: Result<ProviderReply, CallError>) -> Outcome {
+    let failure = classify_failure(result);
+    match failure {
+        Ok(reply) => Outcome::Succeeded(reply),
+        Err((after, mut f)) => {
+            f.message = evidence_text(&f.message);
+            if f.class.is_retryable() {
+                Outcome::RetryAfter(after, f)
+            } else {
+                Outcome::Fatal(f)
+            }
+        }
+    }
+}
+
+type Classified = Result<ProviderReply, (Option<Duration>, Failure)>;
+
+fn classify_failure(result: Result<ProviderReply, CallError>) -> Classified {
     let failure = match result {
-        Ok(reply) => return Outcome::Succeeded(reply),
+        Ok(reply) => return Ok(reply),
         Err(CallError::Http {
             status,
             body,
@@ -127,10 +198,7 @@ pub fn classify(result: Result<ProviderReply, CallError>) -> Outcome {
                 },
                 request_id,
             };
-            if class.is_retryable() {
-                return Outcome::RetryAfter(retry_after, f);
-            }
-            return Outcome::Fatal(f);
+            return Err((retry_after, f));
         }
         Err(CallError::Connect(m)) | Err(CallError::Transport(m)) => Failure {
             class: ErrorClass::Network,
@@ -162,7 +230,7 @@ pub fn classify(result: Result<ProviderReply, CallError>) -> Outcome {
             request_id,
         },
     };
-    Outcome::RetryAfter(None, failure)
+    Err((None, failure))
 }
 
 fn class_of_http(
@@ -198,9 +266,7 @@ fn class_of_http(
 /// `{"type":"error","error":{…}}` body; empty message for a non-JSON body.
 fn parse_error_body(body: &str) -> (Option<String>, Option<String>, String) {
     let Ok(v) = serde_json::from_str::<Value>(body) else {
-        let mut m = body.trim().to_owned();
-        m.truncate(300);
-        return (None, None, m);
+        return (None, None, cut(body.trim(), 300).to_owned());
     };
     let err = v.get("error").unwrap_or(&Value::Null);
     let s = |x: Option<&Value>| x.and_then(Value::as_str).map(str::to_owned);
@@ -230,6 +296,34 @@ mod tests {
             Outcome::RetryAfter(_, f) => (Some(f.class), true),
             Outcome::Fatal(f) => (Some(f.class), false),
         }
+    }
+
+    #[test]
+    fn huge_non_ascii_bodies_are_cut_on_character_boundaries() {
+        let cjk = "服务器暂时不可用，请稍后再试。🙂".repeat(600);
+        let json = format!(r#"{{"error":{{"message":"{cjk}","type":"server_error"}}}}"#);
+        for body in [cjk.as_str(), json.as_str(), cut(&cjk, 4097)] {
+            let Outcome::RetryAfter(_, f) = classify(http(503, body)) else {
+                panic!("a 503 is retried");
+            };
+            assert_eq!(f.class, ErrorClass::Upstream);
+            assert!(f.message.len() <= MAX_MESSAGE_BYTES + 4);
+        }
+        for n in 0..12 {
+            assert!(cut("é🙂x", n).len() <= n);
+        }
+    }
+
+    #[test]
+    fn key_like_text_is_redacted_from_evidence() {
+        let body = r#"{"error":{"message":"Incorrect API key provided: sk-proj-abc***wxyz. Organization org-AbCdEf123456 has no access. Authorization: Bearer sk-live-secret","type":"invalid_request_error","code":"invalid_api_key"}}"#;
+        let Outcome::Fatal(f) = classify(http(401, body)) else {
+            panic!("401 is fatal");
+        };
+        assert!(!f.message.contains("sk-"), "{}", f.message);
+        assert!(!f.message.contains("org-AbCdEf"), "{}", f.message);
+        assert!(f.message.starts_with("Incorrect API key provided"), "{}", f.message);
+        assert_eq!(redact("Rate limit reached for gpt-4o on requests per min (RPM): Limit 3"), "Rate limit reached for gpt-4o on requests per min (RPM): Limit 3");
     }
 
     #[test]

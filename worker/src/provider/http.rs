@@ -28,6 +28,21 @@ pub struct HttpAccount {
     /// Streamed answers: whether to ask for them, and the longest silence between chunks.
     pub stream: bool,
     stall: Duration,
+    max_body: usize,
+}
+
+/// Error bodies are read up to this many bytes; the rest is not waited for.
+const MAX_ERROR_BODY: usize = 64 * 1024;
+
+/// Why an answer's body could not be read to its end.
+#[derive(Debug, thiserror::Error)]
+pub enum BodyError {
+    /// The connection failed.
+    #[error(transparent)]
+    Transport(#[from] reqwest::Error),
+    /// The body went past the limit.
+    #[error("the answer is longer than {0} bytes; abandoned")]
+    TooLarge(usize),
 }
 
 /// A successful (2xx) answer.
@@ -64,6 +79,7 @@ impl HttpAccount {
             timeout_per_1k: Duration::from_secs(s.timeout_per_1k_tokens_secs),
             stream: s.stream,
             stall: Duration::from_secs(s.stall_timeout_secs.max(1)),
+            max_body: s.max_body_bytes.max(1024),
         })
     }
 
@@ -86,22 +102,46 @@ impl HttpAccount {
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
         if is_stream && (200..300).contains(&status) {
+            let limit = self.max_body;
+            let mut read = 0usize;
+            let bytes = resp.bytes_stream().map(move |chunk| {
+                let chunk = chunk.map_err(BodyError::Transport)?;
+                read = read.saturating_add(chunk.len());
+                if read > limit {
+                    return Err(BodyError::TooLarge(limit));
+                }
+                Ok(chunk)
+            });
             return Ok(Opened::Stream(Streamed {
                 status,
                 headers,
                 request_id: rid,
-                events: Box::pin(resp.bytes_stream().eventsource()),
+                events: Box::pin(bytes.eventsource()),
                 stall: self.stall,
             }));
         }
-        let body = resp.bytes().await.map_err(transport_error)?;
-        if !(200..300).contains(&status) {
-            let mut text = String::from_utf8_lossy(&body).into_owned();
-            text.truncate(4096);
+        let ok = (200..300).contains(&status);
+        let (body, complete) =
+            read_body(resp, if ok { self.max_body } else { MAX_ERROR_BODY }).await?;
+        if !ok {
+            // Only the start of a long error body is kept (cut on a character boundary
+            // when classified); the rest is not waited for.
+            let text = String::from_utf8_lossy(&body).into_owned();
             return Err(CallError::Http {
                 status,
                 body: text,
                 retry_after: retry_after(&headers),
+                request_id: rid,
+            });
+        }
+        if !complete {
+            return Err(CallError::Decode {
+                status,
+                message: format!(
+                    "the answer is longer than {} bytes (max_body_bytes); abandoned",
+                    self.max_body
+                ),
+                error_type: None,
                 request_id: rid,
             });
         }
@@ -114,6 +154,23 @@ impl HttpAccount {
     }
 }
 
+/// Reads at most `limit` bytes of `resp`'s body; true when that was all of it.
+async fn read_body(
+    mut resp: reqwest::Response,
+    limit: usize,
+) -> Result<(bytes::Bytes, bool), CallError> {
+    let mut body = bytes::BytesMut::new();
+    while let Some(chunk) = resp.chunk().await.map_err(transport_error)? {
+        let room = limit.saturating_sub(body.len());
+        if chunk.len() > room {
+            body.extend_from_slice(&chunk[..room]);
+            return Ok((body.freeze(), false));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok((body.freeze(), true))
+}
+
 /// A 2xx answer: read whole, or an event stream still arriving.
 pub enum Opened {
     /// JSON body.
@@ -122,7 +179,7 @@ pub enum Opened {
     Stream(Streamed),
 }
 
-type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<reqwest::Error>>> + Send>>;
+type Events = Pin<Box<dyn Stream<Item = Result<Event, EventStreamError<BodyError>>> + Send>>;
 
 /// A streamed 2xx answer, read event by event with stall detection.
 pub struct Streamed {
@@ -147,7 +204,12 @@ impl Streamed {
             ))),
             Ok(None) => Ok(None),
             Ok(Some(Ok(event))) => Ok(Some(event)),
-            Ok(Some(Err(EventStreamError::Transport(e)))) => Err(transport_error(e)),
+            Ok(Some(Err(EventStreamError::Transport(BodyError::Transport(e))))) => {
+                Err(transport_error(e))
+            }
+            Ok(Some(Err(EventStreamError::Transport(e @ BodyError::TooLarge(_))))) => {
+                Err(self.broken(e.to_string(), None))
+            }
             Ok(Some(Err(e))) => Err(self.broken(format!("malformed event stream: {e}"), None)),
         }
     }

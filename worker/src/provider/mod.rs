@@ -148,24 +148,35 @@ pub fn build(name: &str, settings: &ProviderSettings) -> anyhow::Result<Arc<dyn 
     }
 }
 
-/// `retry-after-ms` (OpenAI) or `retry-after` (seconds or an HTTP date).
+/// The longest wait a provider's Retry-After can impose (the longest delay tier): a
+/// larger or absurd value is held to it.
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
+
+/// `retry-after-ms` (OpenAI) or `retry-after` (seconds or an HTTP date), at most
+/// [`MAX_RETRY_AFTER`]; negative, non-numeric or non-finite values are ignored.
 pub fn retry_after(headers: &HeaderMap) -> Option<Duration> {
-    if let Some(ms) = headers
+    let secs = |v: f64| {
+        (v.is_finite() && v >= 0.0).then(|| {
+            Duration::try_from_secs_f64(v)
+                .unwrap_or(MAX_RETRY_AFTER)
+                .min(MAX_RETRY_AFTER)
+        })
+    };
+    if let Some(d) = headers
         .get("retry-after-ms")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
+        .and_then(|ms| secs(ms / 1000.0))
     {
-        if ms.is_finite() && ms >= 0.0 {
-            return Some(Duration::from_secs_f64(ms / 1000.0));
-        }
+        return Some(d);
     }
     let v = headers.get("retry-after")?.to_str().ok()?.trim();
-    if let Ok(secs) = v.parse::<f64>() {
-        return (secs.is_finite() && secs >= 0.0).then(|| Duration::from_secs_f64(secs));
+    if let Ok(n) = v.parse::<f64>() {
+        return secs(n);
     }
     let at = chrono::DateTime::parse_from_rfc2822(v).ok()?;
     let delta = at.with_timezone(&chrono::Utc) - chrono::Utc::now();
-    Some(delta.to_std().unwrap_or(Duration::ZERO))
+    Some(delta.to_std().unwrap_or(Duration::ZERO).min(MAX_RETRY_AFTER))
 }
 
 /// The provider's request id header.
@@ -219,5 +230,30 @@ mod tests {
             HeaderValue::from_static("Wed, 21 Oct 2015 07:28:00 GMT"),
         );
         assert_eq!(retry_after(&h), Some(Duration::ZERO));
+    }
+
+    #[test]
+    fn absurd_retry_after_is_held_or_ignored_never_a_panic() {
+        for (value, want) in [
+            ("1e300", Some(MAX_RETRY_AFTER)),
+            ("99999999999999999999", Some(MAX_RETRY_AFTER)),
+            ("inf", None),
+            ("NaN", None),
+            ("-5", None),
+            ("", None),
+            ("soon", None),
+        ] {
+            for header in ["retry-after", "retry-after-ms"] {
+                let mut h = HeaderMap::new();
+                h.insert(header, HeaderValue::from_str(value).expect("header value"));
+                assert_eq!(retry_after(&h), want, "{header}: {value}");
+            }
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            "retry-after",
+            HeaderValue::from_static("Fri, 31 Dec 9999 23:59:59 GMT"),
+        );
+        assert_eq!(retry_after(&h), Some(MAX_RETRY_AFTER));
     }
 }
