@@ -119,7 +119,43 @@ pub enum ValidationError {
     /// Idempotency key too long.
     #[error("idempotency_key is {0} bytes, over the limit of 200")]
     IdempotencyKeyTooLong(usize),
+    /// `params` repeats a field the envelope owns, or one the worker must control.
+    #[error("params.{field} is not allowed: {why}")]
+    ParamNotAllowed {
+        /// The offending field.
+        field: String,
+        /// What to do instead.
+        why: &'static str,
+    },
+    /// More fallback routes than accepted.
+    #[error("fallbacks has {got} routes, more than the limit of {limit}: keep the chain short")]
+    TooManyFallbacks {
+        /// Routes sent.
+        got: usize,
+        /// The limit.
+        limit: usize,
+    },
 }
+
+/// Most fallback routes a job may carry.
+pub const MAX_FALLBACKS: usize = 8;
+
+/// Fields `params` may not carry, and what to do instead: the envelope owns them (a
+/// duplicate would make the message undecodable), or they would change what the call
+/// costs behind the budget's back, or the worker sets them itself.
+const RESERVED_PARAMS: &[(&str, &str)] = &[
+    ("messages", "set request.messages (the top-level `messages`)"),
+    ("max_tokens", "set max_tokens at the top level, not in params"),
+    ("temperature", "set temperature at the top level, not in params"),
+    ("top_p", "set top_p at the top level, not in params"),
+    ("stop", "set stop at the top level, not in params"),
+    ("model", "set model (and fallbacks) at the top level"),
+    ("max_completion_tokens", "use max_tokens: budgets are reserved from it"),
+    ("n", "one completion per job: enqueue one job per completion wanted"),
+    ("best_of", "one completion per job: enqueue one job per completion wanted"),
+    ("stream", "the worker decides how to read the answer"),
+    ("stream_options", "the worker decides how to read the answer"),
+];
 
 /// A tenant name: 1-64 ASCII letters, digits, `_` or `-` (it is a routing-key word on the
 /// events exchange, `<tenant>.<state>`).
@@ -146,6 +182,8 @@ impl ValidationError {
             ValidationError::PriorityOutOfRange(_) => "priority_out_of_range",
             ValidationError::BodyTooLarge { .. } => "body_too_large",
             ValidationError::IdempotencyKeyTooLong(_) => "idempotency_key_too_long",
+            ValidationError::ParamNotAllowed { .. } => "param_not_allowed",
+            ValidationError::TooManyFallbacks { .. } => "too_many_fallbacks",
         }
     }
 }
@@ -176,8 +214,14 @@ pub fn validate(job: &JobEnvelope, limits: &Limits) -> Result<(), ValidationErro
     if !valid_tenant(&job.tenant) {
         return Err(ValidationError::BadTenant(job.tenant.clone()));
     }
-    if job.route.model.trim().is_empty() {
+    if job.route.model.trim().is_empty() || job.fallbacks.iter().any(|r| r.model.trim().is_empty()) {
         return Err(ValidationError::EmptyModel);
+    }
+    if job.fallbacks.len() > MAX_FALLBACKS {
+        return Err(ValidationError::TooManyFallbacks {
+            got: job.fallbacks.len(),
+            limit: MAX_FALLBACKS,
+        });
     }
     if let Some(key) = &job.idempotency_key {
         if key.len() > 200 {
@@ -185,6 +229,15 @@ pub fn validate(job: &JobEnvelope, limits: &Limits) -> Result<(), ValidationErro
         }
     }
     let req = &job.request;
+    if let Some((field, why)) = RESERVED_PARAMS
+        .iter()
+        .find(|(field, _)| req.extra.contains_key(*field))
+    {
+        return Err(ValidationError::ParamNotAllowed {
+            field: (*field).to_owned(),
+            why,
+        });
+    }
     if req.messages.is_empty() {
         return Err(ValidationError::EmptyMessages);
     }
@@ -245,6 +298,26 @@ mod tests {
     #[test]
     fn accepts_a_good_job() {
         assert_eq!(validate(&job(), &Limits::default()), Ok(()));
+    }
+
+    #[test]
+    fn params_may_not_repeat_or_bypass_what_the_envelope_owns() {
+        for field in ["max_tokens", "messages", "n", "max_completion_tokens", "stream"] {
+            let mut j = job();
+            j.request.extra.insert(field.into(), serde_json::json!(8));
+            let err = validate(&j, &Limits::default()).unwrap_err();
+            assert_eq!(err.code(), "param_not_allowed");
+            assert!(err.to_string().contains(field), "{err}");
+        }
+        let mut j = job();
+        j.request.extra.insert("seed".into(), serde_json::json!(7));
+        assert_eq!(validate(&j, &Limits::default()), Ok(()));
+        let mut j = job();
+        j.fallbacks = vec![j.route.clone(); MAX_FALLBACKS + 1];
+        assert!(matches!(
+            validate(&j, &Limits::default()),
+            Err(ValidationError::TooManyFallbacks { .. })
+        ));
     }
 
     #[test]
