@@ -1,11 +1,12 @@
 //! The fleet's circuit breaker opens, probes and closes; a job's fallback route answers
 //! when its primary is down or its circuit is open.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use llmq_producer_sdk::{ChatMessage, JobState, NewJob, Route};
 use llmq_tests::{redis_url, spawn_app_with, AppOptions};
-use llmq_worker::breaker::{Breaker, Signal};
+use llmq_worker::breaker::{Breaker, Permit, Signal};
 use llmq_worker::Settings;
 use secrecy::SecretString;
 use serde_json::Value;
@@ -24,8 +25,8 @@ fn breaker_settings() -> Settings {
 
 #[tokio::test]
 async fn opens_on_failure_rate_probes_and_closes() {
-    let b = Breaker::new(&breaker_settings()).unwrap();
-    assert!(b.check("p").await.is_none());
+    let b = Arc::new(Breaker::new(&breaker_settings()).unwrap());
+    assert!(b.check("p").await.open_for().is_none());
     b.record("p", Signal::Success).await;
     b.record("p", Signal::Neutral).await;
     b.record("p", Signal::Failure).await;
@@ -38,18 +39,20 @@ async fn opens_on_failure_rate_probes_and_closes() {
     b.record("p", Signal::Failure).await;
     let s = b.state("p").await;
     assert_eq!(s.state, "open", "3 of 4 calls failed");
-    assert!(b.check("p").await.is_some(), "no calls while open");
+    assert!(b.check("p").await.open_for().is_some(), "no calls while open");
 
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    assert!(b.check("p").await.is_none(), "probe 1");
-    assert!(b.check("p").await.is_none(), "probe 2");
+    let probe1 = b.check("p").await;
+    assert!(matches!(probe1, Permit::Call(Some(_))), "probe 1");
+    let probe2 = b.check("p").await;
+    assert!(matches!(probe2, Permit::Call(Some(_))), "probe 2");
     assert!(
-        b.check("p").await.is_some(),
+        b.check("p").await.open_for().is_some(),
         "only two probes while half-open"
     );
     assert_eq!(b.state("p").await.state, "half_open");
-    b.record("p", Signal::Success).await;
-    b.record("p", Signal::Success).await;
+    b.record_call(probe1, "p", Signal::Success).await;
+    b.record_call(probe2, "p", Signal::Success).await;
     assert_eq!(b.state("p").await.state, "closed");
 
     // Quota exhaustion opens it at once; a failed probe opens it again.
@@ -78,14 +81,74 @@ async fn failures_in_a_row_open_it_after_a_busy_healthy_window() {
 
 #[tokio::test]
 async fn a_failed_probe_opens_it_again() {
-    let b = Breaker::new(&breaker_settings()).unwrap();
+    let b = Arc::new(Breaker::new(&breaker_settings()).unwrap());
     for _ in 0..4 {
         b.record("q", Signal::Failure).await;
     }
     tokio::time::sleep(Duration::from_millis(1_100)).await;
-    assert!(b.check("q").await.is_none());
-    b.record("q", Signal::Failure).await;
+    let probe = b.check("q").await;
+    assert!(probe.open_for().is_none());
+    b.record_call(probe, "q", Signal::Failure).await;
     assert_eq!(b.state("q").await.state, "open");
+}
+
+/// Opens `provider`'s circuit and waits out the 1 s cooldown: the next checks are probes.
+async fn half_open(b: &Breaker, provider: &str) {
+    for _ in 0..4 {
+        b.record(provider, Signal::Failure).await;
+    }
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+}
+
+#[tokio::test]
+async fn a_probe_dropped_without_a_call_goes_back_to_the_fleet() {
+    let b = Arc::new(Breaker::new(&breaker_settings()).unwrap());
+    half_open(&b, "d").await;
+    // Jobs that took the two probes and left without calling (too large, cancelled,
+    // duplicate, handed back, panicked): their permits drop.
+    for _ in 0..5 {
+        let p1 = b.check("d").await;
+        let p2 = b.check("d").await;
+        assert!(matches!(p1, Permit::Call(Some(_))) && matches!(p2, Permit::Call(Some(_))));
+        drop((p1, p2));
+        // The release is sent in the background.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let p = b.check("d").await;
+    assert!(
+        matches!(p, Permit::Call(Some(_))),
+        "probes were given back, not leaked: {:?}",
+        b.state("d").await
+    );
+}
+
+#[tokio::test]
+async fn a_probe_whose_holder_died_lapses_after_its_lease() {
+    let mut s = breaker_settings();
+    s.breaker.probe_lease_secs = 1;
+    let b = Arc::new(Breaker::new(&s).unwrap());
+    half_open(&b, "k").await;
+    // Two holders crash: nothing gives their probes back.
+    std::mem::forget(b.check("k").await);
+    std::mem::forget(b.check("k").await);
+    assert!(b.check("k").await.open_for().is_some(), "both probes held");
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    assert!(
+        matches!(b.check("k").await, Permit::Call(Some(_))),
+        "the lost probes lapsed"
+    );
+}
+
+#[tokio::test]
+async fn a_403_does_not_open_the_circuit_for_everyone() {
+    use llmq_worker::outcome::ErrorClass;
+    assert_eq!(Signal::of(ErrorClass::Permission), Signal::Neutral);
+    let b = Arc::new(Breaker::new(&breaker_settings()).unwrap());
+    for _ in 0..20 {
+        b.record("f", Signal::of(ErrorClass::Permission)).await;
+    }
+    assert_eq!(b.state("f").await.state, "closed");
+    assert_eq!(Signal::of(ErrorClass::Auth), Signal::Fatal);
 }
 
 fn with_dead_primary(s: &mut Settings, _mock: &str) {
@@ -205,7 +268,7 @@ async fn sporadic_failures_from_64_concurrent_callers_never_open_it() {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
-                if b.check("p").await.is_some() {
+                if b.check("p").await.open_for().is_some() {
                     denied += 1;
                     continue;
                 }

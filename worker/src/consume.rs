@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::Utc;
-use futures_util::StreamExt;
+use futures_util::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicQosOptions,
@@ -34,7 +34,7 @@ use tokio_util::task::TaskTracker;
 use tracing::{info, warn, Instrument};
 
 use crate::admission::{self, Admission, Admit};
-use crate::breaker::{Breaker, Signal};
+use crate::breaker::{Breaker, Permit, Signal};
 use crate::outcome::{classify, ErrorClass, Failure, Outcome};
 use crate::provider::{self, CallError, Provider};
 use crate::publish::{with_header, Publisher};
@@ -160,11 +160,50 @@ fn delivery_count(delivery: &Delivery) -> i64 {
 }
 
 impl Worker {
+    /// [`Worker::process_one`] behind a guard: if the job's task panics anyway, its
+    /// delivery is handed back to the broker (and failed as `undeliverable` if it keeps
+    /// coming back), the panic is counted and logged, and the slot is freed, so a replica
+    /// never stalls while looking healthy.
+    pub async fn process_guarded(&self, delivery: Delivery) -> Processed {
+        struct InFlight<'a>(&'a prometheus_client::metrics::gauge::Gauge);
+        impl Drop for InFlight<'_> {
+            fn drop(&mut self) {
+                self.0.dec();
+            }
+        }
+        self.metrics.in_flight.inc();
+        let _in_flight = InFlight(&self.metrics.in_flight);
+        let acker = delivery.acker.clone();
+        match std::panic::AssertUnwindSafe(self.process_one(delivery))
+            .catch_unwind()
+            .await
+        {
+            Ok(done) => done,
+            Err(panic) => {
+                self.metrics.panics.inc();
+                let what = panic
+                    .downcast_ref::<&str>()
+                    .map(|s| (*s).to_owned())
+                    .or_else(|| panic.downcast_ref::<String>().cloned())
+                    .unwrap_or_default();
+                tracing::error!(panic = %what, "a job's task panicked; its delivery goes back to the broker");
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                if let Err(e) = acker.nack(requeue).await {
+                    warn!(error = %e, "nack after a panic failed; the broker redelivers when the channel closes");
+                }
+                Processed::HandedBack
+            }
+        }
+    }
+
     /// Processes one delivery to the end, acking it unless it is handed back.
     pub async fn process_one(&self, delivery: Delivery) -> Processed {
         let envelope = match JobEnvelope::decode(&delivery.data) {
             Ok(e) => e,
-            Err(err) => return self.reject(delivery, &err.to_string(), "malformed").await,
+            Err(err) => return self.undecodable(delivery, &err).await,
         };
         let span = tracing::info_span!("job", job_id = %envelope.id, tenant = %envelope.tenant);
         self.process_envelope(delivery, envelope)
@@ -231,7 +270,7 @@ impl Worker {
             .collect();
         let mut cursor = RouteCursor::of(&delivery, routes.len());
         let mut fell_back = false;
-        let (route, provider_name, provider) = loop {
+        let (route, provider_name, provider, permit) = loop {
             let route = routes[cursor.idx].clone();
             let name = route
                 .provider
@@ -256,13 +295,13 @@ impl Worker {
                 return self.claim_and_fail(delivery, &env, failure).await;
             };
             match self.breaker.check(&name).await {
-                None => break (route, name, provider),
-                Some(_) if cursor.idx + 1 < routes.len() => {
+                permit @ Permit::Call(_) => break (route, name, provider, permit),
+                Permit::Open(_) if cursor.idx + 1 < routes.len() => {
                     info!(provider = %name, "circuit open; taking the job's fallback route");
                     cursor.idx += 1;
                     fell_back = true;
                 }
-                Some(open_for) => {
+                Permit::Open(open_for) => {
                     return self
                         .wait_for_circuit(delivery, &env, &name, open_for, cursor)
                         .await
@@ -303,16 +342,7 @@ impl Worker {
                             wait_s = wait.as_secs(),
                             "budget slot too far away; back to the queue uncharged"
                         );
-                        let tier = Topology::delay_tier(wait.min(Duration::from_secs(60)));
-                        match self
-                            .publisher
-                            .retry_later(&delivery.data, delivery.properties.clone(), tier)
-                            .await
-                        {
-                            Ok(()) => ack(&delivery).await,
-                            Err(_) => nack(&delivery, true).await,
-                        }
-                        return Processed::Deferred;
+                        return self.defer(delivery, &env, wait, cursor).await;
                     }
                     Admit::Go {
                         wait,
@@ -323,10 +353,7 @@ impl Worker {
                             .get_or_create(&vec![("provider", provider_name.clone())])
                             .observe(wait.as_secs_f64());
                         if wait > Duration::from_millis(50) {
-                            let start = Utc::now()
-                                + chrono::Duration::milliseconds(
-                                    i64::try_from(wait.as_millis()).unwrap_or(i64::MAX),
-                                );
+                            let start = at_after(wait);
                             let watch = self.cancels.watch(id.0);
                             match self
                                 .durably("record budget wait", || {
@@ -388,11 +415,34 @@ impl Worker {
             }
         }
 
+        if env.deadline.is_some_and(|d| d <= Utc::now()) {
+            // The budget wait outlasted the deadline: the slot goes back unused.
+            if let Some(r) = &reservation {
+                self.admission
+                    .settle(id, 0, r, &vec![0; r.amounts.len()], &[])
+                    .await;
+            }
+            let message = "deadline passed while the job waited for rate-limit budget";
+            if !self
+                .end_without_call(&env, JobState::Expired, "expired", message)
+                .await
+            {
+                return Processed::HandedBack;
+            }
+            ack(&delivery).await;
+            return Processed::Expired;
+        }
+
         let redelivered = delivery.redelivered;
         let Some(claimed) = self
             .durably("claim job", || store::claim(&self.pool, id, redelivered))
             .await
         else {
+            if let Some(r) = &reservation {
+                self.admission
+                    .settle(id, 0, r, &vec![0; r.amounts.len()], &[])
+                    .await;
+            }
             return Processed::HandedBack;
         };
         let Some(attempt) = claimed else {
@@ -464,7 +514,8 @@ impl Worker {
         let outcome = classify(result);
         let circuit = self
             .breaker
-            .record(
+            .record_call(
+                permit,
                 &provider_name,
                 match &outcome {
                     Outcome::Succeeded(_) => Signal::Success,
@@ -496,12 +547,13 @@ impl Worker {
                     evidence: Some(&evidence),
                     detail: None,
                 };
-                if self
+                match self
                     .durably("record result", || store::record(&self.pool, id, &t))
                     .await
-                    .is_none()
                 {
-                    return Processed::HandedBack;
+                    None => return Processed::HandedBack,
+                    Some(false) => return superseded(&delivery).await,
+                    Some(true) => {}
                 }
                 info!(
                     attempt,
@@ -537,8 +589,7 @@ impl Worker {
             }
             Outcome::RetryAfter(_, failure) | Outcome::Fatal(failure)
                 if cursor.idx + 1 < routes.len()
-                    && (failure.class.is_retryable()
-                        || Signal::of(failure.class) == Signal::Fatal) =>
+                    && (failure.class.is_retryable() || failure.class.route_cannot_serve()) =>
             {
                 // Retries exhausted on this route, or the route cannot serve: next route.
                 let next = RouteCursor {
@@ -590,7 +641,7 @@ impl Worker {
                 .retries
                 .get_or_create(&vec![("class", failure.class.as_str().to_owned())])
                 .inc();
-            let next_at = Utc::now() + chrono::Duration::seconds(i64::try_from(tier).unwrap_or(0));
+            let next_at = at_after(Duration::from_secs(tier));
             let t = Transition {
                 state: JobState::Retrying,
                 attempt,
@@ -601,12 +652,13 @@ impl Worker {
                     serde_json::json!({ "next_attempt_at": next_at, "error_class": failure.class.as_str() }),
                 ),
             };
-            if self
+            match self
                 .durably("record retry", || store::record(&self.pool, id, &t))
                 .await
-                .is_none()
             {
-                return Processed::HandedBack;
+                None => return Processed::HandedBack,
+                Some(false) => return superseded(&delivery).await,
+                Some(true) => {}
             }
             warn!(
                 attempt,
@@ -645,6 +697,46 @@ impl Worker {
         }
     }
 
+    /// Sends a job whose budget slot is too far away back through a delay queue, uncharged
+    /// and without spending an attempt. Its record says `retrying` first: a job taken over
+    /// from a dead holder is `running`, and a re-published copy of a `running` job would be
+    /// acked as a duplicate on its next delivery.
+    async fn defer(
+        &self,
+        delivery: Delivery,
+        env: &JobEnvelope,
+        wait: Duration,
+        cursor: RouteCursor,
+    ) -> Processed {
+        let tier = Topology::delay_tier(wait.min(Duration::from_secs(60)));
+        let next_at = at_after(Duration::from_secs(tier));
+        let redelivered = delivery.redelivered;
+        match self
+            .durably("record deferral", || {
+                store::defer(&self.pool, env.id, next_at, redelivered)
+            })
+            .await
+        {
+            None => return Processed::HandedBack,
+            Some(false) => return superseded(&delivery).await,
+            Some(true) => {}
+        }
+        self.emit_progress(env, JobState::Retrying, 0);
+        match self
+            .publisher
+            .retry_later(
+                &delivery.data,
+                cursor.stamp(delivery.properties.clone()),
+                tier,
+            )
+            .await
+        {
+            Ok(()) => ack(&delivery).await,
+            Err(_) => nack(&delivery, true).await,
+        }
+        Processed::Deferred
+    }
+
     /// Parks a job whose only remaining route has an open circuit, spending no attempt.
     async fn wait_for_circuit(
         &self,
@@ -672,17 +764,18 @@ impl Worker {
                 "error_class": "circuit_open",
                 "provider": provider,
                 "route": cursor.idx,
-                "next_attempt_at": Utc::now() + chrono::Duration::seconds(i64::try_from(tier).unwrap_or(0)),
+                "next_attempt_at": at_after(Duration::from_secs(tier)),
             })),
         };
-        if self
+        match self
             .durably("record circuit wait", || {
                 store::record(&self.pool, env.id, &t)
             })
             .await
-            .is_none()
         {
-            return Processed::HandedBack;
+            None => return Processed::HandedBack,
+            Some(false) => return superseded(&delivery).await,
+            Some(true) => {}
         }
         self.emit_progress(env, JobState::Retrying, 0);
         match self
@@ -745,12 +838,13 @@ impl Worker {
             evidence: evidence.as_ref(),
             detail: None,
         };
-        if self
+        match self
             .durably("record failure", || store::record(&self.pool, env.id, &t))
             .await
-            .is_none()
         {
-            return Processed::HandedBack;
+            None => return Processed::HandedBack,
+            Some(false) => return superseded(&delivery).await,
+            Some(true) => {}
         }
         warn!(
             attempt,
@@ -790,6 +884,59 @@ impl Worker {
         }
     }
 
+    /// A message that is not an envelope this build can run. If its job id can be read
+    /// and the job has a live record, the record is failed with the reason (so nothing
+    /// waits for it forever), then the message is dead-lettered.
+    async fn undecodable(
+        &self,
+        delivery: Delivery,
+        err: &llmq_producer_sdk::DecodeError,
+    ) -> Processed {
+        let class = match err {
+            llmq_producer_sdk::DecodeError::UnsupportedVersion(_) => "unsupported_version",
+            _ => "malformed",
+        };
+        let reason = err.to_string();
+        let id = serde_json::from_slice::<serde_json::Value>(&delivery.data)
+            .ok()
+            .and_then(|v| v.get("id")?.as_str()?.parse::<llmq_producer_sdk::JobId>().ok());
+        if let Some(id) = id {
+            let message = format!("the worker cannot read this job's message: {reason}");
+            let t = Transition {
+                state: JobState::Failed,
+                attempt: 0,
+                result: None,
+                error: Some((class, &message)),
+                evidence: None,
+                detail: None,
+            };
+            let recorded = self
+                .durably("record undecodable job", || {
+                    store::record_if_exists(&self.pool, id, &t)
+                })
+                .await;
+            match recorded {
+                None => return Processed::HandedBack,
+                Some(Some(tenant)) => {
+                    warn!(job_id = %id, class, "failed a job whose message cannot be decoded");
+                    let event = JobEvent {
+                        error: Some(ErrorSummary {
+                            class: class.to_owned(),
+                            message: message.clone(),
+                        }),
+                        ..JobEvent::new(id, tenant, JobState::Failed, 0)
+                    };
+                    self.count_terminal(JobState::Failed, class);
+                    if let Err(e) = self.publisher.event(&event).await {
+                        warn!(error = %e, "could not publish the job event; the record is durable");
+                    }
+                }
+                Some(None) => {}
+            }
+        }
+        self.reject(delivery, &reason, class).await
+    }
+
     /// Dead-letters a message this worker cannot run, then acks it.
     async fn reject(&self, delivery: Delivery, reason: &str, class: &str) -> Processed {
         warn!(reason, "dead-lettering a message");
@@ -816,13 +963,7 @@ impl Worker {
         error: Option<(&str, &str)>,
     ) {
         if state.is_terminal() {
-            self.metrics
-                .jobs
-                .get_or_create(&vec![
-                    ("state", state.to_string()),
-                    ("class", error.map_or("none", |(c, _)| c).to_owned()),
-                ])
-                .inc();
+            self.count_terminal(state, error.map_or("none", |(c, _)| c));
         }
         let event = JobEvent {
             result,
@@ -855,15 +996,28 @@ impl Worker {
             detail: None,
         };
         let what = format!("record {state}");
-        if self
+        match self
             .durably(&what, || store::record(&self.pool, env.id, &t))
             .await
-            .is_none()
         {
-            return false;
+            None => false,
+            // Already terminal: its terminal event was published by whoever ended it.
+            Some(false) => true,
+            Some(true) => {
+                self.emit(env, state, 0, None, t.error).await;
+                true
+            }
         }
-        self.emit(env, state, 0, None, t.error).await;
-        true
+    }
+
+    fn count_terminal(&self, state: JobState, class: &str) {
+        self.metrics
+            .jobs
+            .get_or_create(&vec![
+                ("state", state.to_string()),
+                ("class", class.to_owned()),
+            ])
+            .inc();
     }
 
     /// Counts a provider call: outcome, class, latency, tokens, and the circuit as seen.
@@ -954,6 +1108,24 @@ fn fill_failure(ev: &mut AttemptRecord, f: &Failure, outcome: &'static str) {
     ev.provider_request_id.clone_from(&f.request_id);
 }
 
+/// The record moved on without this delivery (finished, cancelled, or taken over by a
+/// redelivery elsewhere after this worker's broker connection dropped): nothing of this
+/// attempt is recorded or published; the message is acked.
+async fn superseded(delivery: &Delivery) -> Processed {
+    info!("the job's record moved on without this delivery; acking it, publishing nothing");
+    ack(delivery).await;
+    Processed::Duplicate
+}
+
+/// `now + d`, saturating instead of overflowing.
+fn at_after(d: Duration) -> chrono::DateTime<Utc> {
+    let now = Utc::now();
+    chrono::Duration::from_std(d)
+        .ok()
+        .and_then(|d| now.checked_add_signed(d))
+        .unwrap_or(chrono::DateTime::<Utc>::MAX_UTC)
+}
+
 async fn ack(d: &Delivery) {
     if let Err(e) = d.acker.ack(BasicAckOptions::default()).await {
         warn!(error = %e, "ack failed; the broker will redeliver and the redelivery is deduplicated");
@@ -985,6 +1157,17 @@ pub async fn run(
     for (name, p) in &settings.providers {
         providers.insert(name.clone(), provider::build(name, p)?);
     }
+    run_with(settings, pool, providers, shutdown).await
+}
+
+/// [`run`] with provider adapters of the caller's own (e.g. one that is not HTTP), by
+/// the names jobs route to.
+pub async fn run_with(
+    settings: Settings,
+    pool: PgPool,
+    providers: BTreeMap<String, Arc<dyn Provider>>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let providers = Arc::new(providers);
     let admission = Arc::new(Admission::new(&settings)?);
     let breaker = Arc::new(Breaker::new(&settings)?);
@@ -1084,10 +1267,13 @@ async fn consume_session(
     info!(queue = %topology.work_queue(), concurrency = settings.worker.concurrency, "worker consuming");
     let tracker = TaskTracker::new();
     let session = shutdown.child_token();
-    tracker.spawn(sweep_orphans(
+    let connection = Arc::new(connection);
+    tracker.spawn(sweep(
         pool.clone(),
-        connection.create_channel().await?,
+        connection.clone(),
         topology.clone(),
+        Duration::from_secs(settings.worker.repair_after_secs.max(1)),
+        metrics.clone(),
         session.clone(),
     ));
     tracker.spawn(watch_queues(
@@ -1102,12 +1288,7 @@ async fn consume_session(
             next = consumer.next() => match next {
                 Some(Ok(delivery)) => {
                     let worker = worker.clone();
-                    tracker.spawn(async move {
-                        worker.metrics.in_flight.inc();
-                        let done = worker.process_one(delivery).await;
-                        worker.metrics.in_flight.dec();
-                        done
-                    });
+                    tracker.spawn(async move { worker.process_guarded(delivery).await });
                 }
                 Some(Err(e)) => break Err(anyhow::Error::from(e)),
                 None => break Err(anyhow::anyhow!("the broker closed the consumer")),
@@ -1168,13 +1349,22 @@ async fn watch_queues(
     }
 }
 
-/// Every 15 s, publishes jobs a producer recorded but never published.
-async fn sweep_orphans(
+/// The sweeps that keep every live job moving, on their own confirm-mode channel:
+/// - every 15 s, publishes jobs a producer recorded but never published (the outbox);
+/// - every `repair_after / 3` (1..30 s), while the work queue has no ready message,
+///   republishes live jobs with nothing recorded for `repair_after` (their message was
+///   lost), or fails them after a few losses ([`store::repair_lost`]).
+async fn sweep(
     pool: PgPool,
-    channel: lapin::Channel,
+    connection: Arc<lapin::Connection>,
     topology: Topology,
+    repair_after: Duration,
+    metrics: Arc<crate::metrics::Metrics>,
     stop: CancellationToken,
 ) {
+    let Ok(channel) = connection.create_channel().await else {
+        return;
+    };
     if channel
         .confirm_select(lapin::options::ConfirmSelectOptions::default())
         .await
@@ -1182,15 +1372,65 @@ async fn sweep_orphans(
     {
         return;
     }
+    let Ok(publisher) = Publisher::new(&connection, topology.clone()).await else {
+        return;
+    };
+    let tick = (repair_after / 3).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let mut last_orphans = Instant::now();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(Duration::from_secs(15)) => {}
+            () = tokio::time::sleep(tick.min(Duration::from_secs(15))) => {}
         }
-        match store::publish_orphans(&pool, &channel, &topology, Duration::from_secs(30)).await {
-            Ok(0) => {}
-            Ok(n) => info!(jobs = n, "published jobs their producer left unpublished"),
-            Err(e) => warn!(error = %e, "orphan sweep failed; will retry"),
+        if last_orphans.elapsed() >= Duration::from_secs(15) {
+            last_orphans = Instant::now();
+            match store::publish_orphans(&pool, &channel, &topology, Duration::from_secs(30)).await {
+                Ok(0) => {}
+                Ok(n) => info!(jobs = n, "published jobs their producer left unpublished"),
+                Err(e) => warn!(error = %e, "orphan sweep failed; will retry"),
+            }
+        }
+        let passive = lapin::options::QueueDeclareOptions {
+            passive: true,
+            ..Default::default()
+        };
+        let ready = channel
+            .queue_declare(&topology.work_queue(), passive, FieldTable::default())
+            .await
+            .map(|q| q.message_count());
+        if ready != Ok(0) {
+            continue;
+        }
+        match store::repair_lost(&pool, &channel, &publisher, &topology, repair_after, 100).await {
+            Ok((done, failed)) => {
+                if done.republished > 0 {
+                    warn!(jobs = done.republished, quiet_s = repair_after.as_secs(), "republished live jobs whose message was lost");
+                    metrics
+                        .repaired
+                        .get_or_create(&vec![("action", "republished".to_owned())])
+                        .inc_by(done.republished as u64);
+                }
+                if done.failed > 0 {
+                    warn!(jobs = done.failed, "failed jobs whose message was lost too many times");
+                    metrics
+                        .repaired
+                        .get_or_create(&vec![("action", "failed".to_owned())])
+                        .inc_by(done.failed as u64);
+                }
+                for (id, tenant) in failed {
+                    let event = JobEvent {
+                        error: Some(ErrorSummary {
+                            class: "lost".to_owned(),
+                            message: "its message was lost too many times".to_owned(),
+                        }),
+                        ..JobEvent::new(id, tenant, JobState::Failed, 0)
+                    };
+                    if let Err(e) = publisher.event(&event).await {
+                        warn!(error = %e, "could not publish the job event; the record is durable");
+                    }
+                }
+            }
+            Err(e) => warn!(error = %e, "repair sweep failed; will retry"),
         }
     }
 }

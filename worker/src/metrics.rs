@@ -13,6 +13,9 @@
 //! - `llmq_circuit_state{provider}`: 0 closed, 1 half-open, 2 open (as last seen)
 //! - `llmq_jobs_in_flight`: deliveries being processed by this replica
 //! - `llmq_queue_messages{queue}`: messages ready in the work and dead-letter queues
+//! - `llmq_job_panics_total`: job tasks that panicked (their delivery was handed back)
+//! - `llmq_jobs_repaired_total{action}`: live jobs whose message was lost, `republished`
+//!   or `failed` by the repair sweep
 //!
 //! API (`/metrics` on `api.bind`):
 //! - `llmq_api_jobs_enqueued_total{duplicate}`, `llmq_api_event_streams` (open SSE streams)
@@ -63,6 +66,10 @@ pub struct Metrics {
     pub in_flight: Gauge,
     /// Ready messages by queue.
     pub queue_messages: Family<Labels, Gauge>,
+    /// Job tasks that panicked.
+    pub panics: Counter,
+    /// Jobs the repair sweep republished or failed.
+    pub repaired: Family<Labels, Counter>,
 }
 
 impl Metrics {
@@ -80,6 +87,8 @@ impl Metrics {
             circuit: Family::default(),
             in_flight: Gauge::default(),
             queue_messages: Family::default(),
+            panics: Counter::default(),
+            repaired: Family::default(),
             registry: Registry::default(),
         };
         registry.register("jobs", "Jobs finished by this replica", m.jobs.clone());
@@ -115,6 +124,16 @@ impl Metrics {
             "queue_messages",
             "Messages ready in a queue",
             m.queue_messages.clone(),
+        );
+        registry.register(
+            "job_panics",
+            "Job tasks that panicked; their delivery was handed back",
+            m.panics.clone(),
+        );
+        registry.register(
+            "jobs_repaired",
+            "Live jobs whose message was lost, republished or failed by the repair sweep",
+            m.repaired.clone(),
         );
         Arc::new(Self { registry, ..m })
     }

@@ -52,6 +52,12 @@ pub struct ApiSettings {
     /// one). None configured: the API is open and takes the tenant from the request.
     #[serde(default)]
     pub tenants: std::collections::BTreeMap<String, String>,
+    /// Most Server-Sent Events streams open at once; one more is refused with `503
+    /// too_many_streams` and a `Retry-After`.
+    pub max_event_streams: u32,
+    /// PostgreSQL connections of the pool the event streams read from, apart from the one
+    /// enqueues and status reads use, so watchers never take an enqueue's connection.
+    pub events_db_connections: u32,
 }
 
 /// Worker settings.
@@ -69,6 +75,15 @@ pub struct WorkerSettings {
     /// when unset.
     #[serde(default)]
     pub metrics_bind: Option<String>,
+    /// A live job with nothing recorded for this long (a `retrying` one: this long past
+    /// its next attempt) is taken to have lost its message and is republished (failed
+    /// after 3 losses). Keep it above the longest call (timeouts) plus budget wait.
+    #[serde(default = "default_repair_after_secs")]
+    pub repair_after_secs: u64,
+}
+
+fn default_repair_after_secs() -> u64 {
+    900
 }
 
 /// The global budget's behaviour.
@@ -183,6 +198,10 @@ pub struct ProviderSettings {
     /// A streamed answer silent this long between chunks is abandoned as a timeout.
     #[serde(default = "default_stall_secs")]
     pub stall_timeout_secs: u64,
+    /// The largest answer read from the provider, in bytes: a longer one (a body that
+    /// never ends) is abandoned as an upstream failure. Error bodies are read up to 64 KiB.
+    #[serde(default = "default_max_body_bytes")]
+    pub max_body_bytes: usize,
     /// Limits of this account for every model (unless `model_limits` names it); none =
     /// no budget enforced for this provider.
     #[serde(default)]
@@ -206,6 +225,10 @@ fn yes() -> bool {
 
 fn default_stall_secs() -> u64 {
     30
+}
+
+fn default_max_body_bytes() -> usize {
+    8 * 1024 * 1024
 }
 
 impl ProviderSettings {

@@ -75,6 +75,35 @@ pub async fn mark_waiting(
     Ok(changed.is_some())
 }
 
+/// Records that the job goes back through a delay queue until `next_at` because its budget
+/// slot is too far away (no attempt counted): state `retrying`. False when the job is
+/// terminal or `running` under another delivery (as in [`claim`]).
+pub async fn defer(
+    pool: &PgPool,
+    id: JobId,
+    next_at: DateTime<Utc>,
+    redelivered: bool,
+) -> Result<bool, sqlx::Error> {
+    let changed: Option<uuid::Uuid> = sqlx::query_scalar(
+        "WITH j AS (
+            UPDATE jobs SET state = 'retrying', expected_start_at = $2, updated_at = now()
+            WHERE id = $1 AND (state IN ('queued', 'waiting_budget', 'retrying')
+                               OR ($3 AND state = 'running'))
+            RETURNING id, attempts)
+         INSERT INTO job_transitions (job_id, state, attempt, detail)
+         SELECT id, 'retrying', attempts,
+                jsonb_build_object('next_attempt_at', $2::timestamptz, 'reason', 'budget')
+         FROM j
+         RETURNING job_id",
+    )
+    .bind(id.0)
+    .bind(next_at)
+    .bind(redelivered)
+    .fetch_optional(pool)
+    .await?;
+    Ok(changed.is_some())
+}
+
 /// Evidence of one provider call.
 #[derive(Debug, Clone)]
 pub struct AttemptRecord {
@@ -132,8 +161,14 @@ pub struct Transition<'a> {
 }
 
 /// Records a transition (and the attempt's evidence) in one statement. Returns false when
-/// the job was already terminal (nothing changed).
-pub async fn record(pool: &PgPool, id: JobId, t: &Transition<'_>) -> Result<bool, sqlx::Error> {
+/// nothing changed: the job was already terminal, or (for a transition of attempt N > 0)
+/// its record has moved on to a later attempt, i.e. another delivery took the job over
+/// while this one was calling (the attempt number fences stale holders).
+pub async fn record<'e>(
+    db: impl sqlx::PgExecutor<'e>,
+    id: JobId,
+    t: &Transition<'_>,
+) -> Result<bool, sqlx::Error> {
     let e = t.evidence;
     let to_i64 = |v: Option<u64>| v.map(|x| i64::try_from(x).unwrap_or(i64::MAX));
     let changed: Option<uuid::Uuid> = sqlx::query_scalar(
@@ -143,8 +178,12 @@ pub async fn record(pool: &PgPool, id: JobId, t: &Transition<'_>) -> Result<bool
                             error_class = coalesce($4, error_class),
                             error_message = coalesce($5, error_message),
                             finished_at = CASE WHEN $6 THEN now() ELSE finished_at END,
+                            expected_start_at = CASE WHEN $2 = 'retrying'
+                                THEN ($25::jsonb ->> 'next_attempt_at')::timestamptz
+                                ELSE expected_start_at END,
                             updated_at = now()
             WHERE id = $1 AND state NOT IN ('succeeded', 'failed', 'cancelled', 'expired')
+              AND ($24 = 0 OR attempts = $24)
             RETURNING id),
          a AS (
             INSERT INTO job_attempts (job_id, attempt, started_at, finished_at, provider, base_url_host,
@@ -182,9 +221,25 @@ pub async fn record(pool: &PgPool, id: JobId, t: &Transition<'_>) -> Result<bool
     .bind(to_i64(e.and_then(|e| e.completion_tokens)))
     .bind(i32::try_from(t.attempt).unwrap_or(i32::MAX))
     .bind(t.detail.as_ref().map(sqlx::types::Json))
-    .fetch_optional(pool)
+    .fetch_optional(db)
     .await?;
     Ok(changed.is_some())
+}
+
+/// [`record`] for a job known only by id (its message could not be decoded): the tenant
+/// when the transition was recorded, `None` when there is no such live job.
+pub async fn record_if_exists(
+    pool: &PgPool,
+    id: JobId,
+    t: &Transition<'_>,
+) -> Result<Option<String>, sqlx::Error> {
+    if !record(pool, id, t).await? {
+        return Ok(None);
+    }
+    sqlx::query_scalar("SELECT tenant FROM jobs WHERE id = $1")
+        .bind(id.0)
+        .fetch_optional(pool)
+        .await
 }
 
 /// Publishes jobs whose producer recorded them but died before publishing (the outbox
@@ -222,4 +277,113 @@ pub async fn publish_orphans(
         .await?;
     tx.commit().await?;
     Ok(published.len())
+}
+
+/// What the repair sweep did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Repaired {
+    /// Jobs whose message was published again.
+    pub republished: usize,
+    /// Jobs failed because their message was lost too many times.
+    pub failed: usize,
+}
+
+/// A live job lost its message this many times: the next time it is failed, not
+/// republished.
+pub const MAX_REPAIRS: i32 = 3;
+
+/// The repair sweep: live jobs, published, with nothing recorded for `quiet` (for a
+/// `retrying` job: `quiet` past its next attempt time), are taken to have lost their
+/// message (a broker failure dropped it, or dead-lettered it without an outcome). Each is
+/// set `queued` and published again, or, after [`MAX_REPAIRS`], failed as `lost` with the
+/// reason and a copy dead-lettered for `llmq dlq replay`. At most `limit` jobs per call;
+/// rows are locked while handled, so sweeps on other replicas skip them. The caller runs
+/// it only while the work queue has no ready message, so a job merely waiting in line
+/// is not taken for lost.
+pub async fn repair_lost(
+    pool: &PgPool,
+    channel: &lapin::Channel,
+    publisher: &crate::publish::Publisher,
+    topology: &llmq_producer_sdk::Topology,
+    quiet: std::time::Duration,
+    limit: i64,
+) -> anyhow::Result<(Repaired, Vec<(JobId, String)>)> {
+    let mut tx = pool.begin().await?;
+    let rows: Vec<(
+        uuid::Uuid,
+        String,
+        i32,
+        sqlx::types::Json<serde_json::Value>,
+    )> = sqlx::query_as(
+        "SELECT id, state, repairs, envelope FROM jobs
+         WHERE state IN ('queued', 'waiting_budget', 'running', 'retrying')
+           AND published_at IS NOT NULL
+           AND updated_at < now() - make_interval(secs => $1)
+           AND (state <> 'retrying' OR expected_start_at IS NULL
+                OR expected_start_at < now() - make_interval(secs => $1))
+         ORDER BY updated_at LIMIT $2
+         FOR UPDATE SKIP LOCKED",
+    )
+    .bind(quiet.as_secs_f64())
+    .bind(limit)
+    .fetch_all(&mut *tx)
+    .await?;
+    let mut done = Repaired::default();
+    let mut failed = Vec::new();
+    let quiet_s = quiet.as_secs();
+    for (id, state, repairs, envelope) in rows {
+        let env = serde_json::from_value::<llmq_producer_sdk::JobEnvelope>(envelope.0.clone());
+        if repairs >= MAX_REPAIRS || env.is_err() {
+            let message = match &env {
+                Ok(_) => format!(
+                    "its message was lost {repairs} times (nothing happened to the job for {quiet_s} s while it was {state}); failed so it stops waiting; once the cause is fixed: llmq dlq replay {id}"
+                ),
+                Err(e) => format!("its message was lost and its recorded envelope cannot be read ({e}); enqueue it again"),
+            };
+            let t = Transition {
+                state: JobState::Failed,
+                attempt: 0,
+                result: None,
+                error: Some(("lost", &message)),
+                evidence: None,
+                detail: Some(serde_json::json!({ "reason": "lost", "was": state })),
+            };
+            record(&mut *tx, JobId(id), &t).await?;
+            let props = lapin::BasicProperties::default()
+                .with_message_id(id.to_string().into())
+                .with_content_type("application/json".into());
+            let body = serde_json::to_vec(&envelope.0)?;
+            publisher.dead_letter(&body, &props, &message, "lost").await?;
+            let tenant = envelope
+                .0
+                .get("tenant")
+                .and_then(|t| t.as_str())
+                .unwrap_or_default();
+            failed.push((JobId(id), tenant.to_owned()));
+            done.failed += 1;
+            continue;
+        }
+        sqlx::query(
+            "WITH j AS (
+                UPDATE jobs SET state = 'queued', repairs = repairs + 1, expected_start_at = NULL,
+                                updated_at = now()
+                WHERE id = $1 RETURNING id, attempts)
+             INSERT INTO job_transitions (job_id, state, attempt, detail)
+             SELECT id, 'queued', attempts,
+                    jsonb_build_object('reason', 'repaired', 'was', $2::text, 'quiet_secs', $3::bigint)
+             FROM j",
+        )
+        .bind(id)
+        .bind(&state)
+        .bind(i64::try_from(quiet_s).unwrap_or(i64::MAX))
+        .execute(&mut *tx)
+        .await?;
+        if let Ok(env) = env {
+            let encoded = env.encode();
+            llmq_producer_sdk::publish_job(channel, topology, &env, encoded).await?;
+            done.republished += 1;
+        }
+    }
+    tx.commit().await?;
+    Ok((done, failed))
 }

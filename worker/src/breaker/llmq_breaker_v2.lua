@@ -1,15 +1,22 @@
--- llmq_breaker_v1: one circuit breaker per (provider, key), shared by the fleet.
+-- llmq_breaker_v2: one circuit breaker per (provider, key), shared by the fleet.
 --
 -- Decoded by worker/src/breaker/mod.rs; change both together and bump the version.
 --
 -- KEYS[1]  the breaker's hash, e.g. "{llmq:cb:openai}"; fields: state (closed | open |
---          half_open), open_until (ms), win_start (ms), calls, fails, probes, oks
+--          half_open), open_until (ms), win_start (ms), calls, fails, probes, oks,
+--          streak, probe_lease (ms)
 -- ARGV     op, window_ms, min_calls, failure_ratio, cooldown_ms, fatal_cooldown_ms,
---          max_probes, close_after, max_consecutive [, outcome]
---   allow              -> {1, 0, state}            call (in half_open: as a probe)
---                         {0, retry_in_ms, state}  do not call
+--          max_probes, close_after, max_consecutive, probe_lease_ms [, outcome]
+--   allow              -> {1, 0, state, probe}      call; probe = 1 when it is a half-open
+--                                                   probe, which must come back (record
+--                                                   or release)
+--                         {0, retry_in_ms, state, 0} do not call
 --   record <outcome>   -> {state}   outcome: success | failure | fatal | neutral
+--   release            -> {state}   a probe given back without a call
 --   state              -> {state, open_ms_left}
+-- Probes are leased: a holder that died without giving its probe back (a crash) stops
+-- counting once probe_lease_ms passed since the last probe was let through, so a lost
+-- probe cannot keep the provider blocked for the fleet.
 -- closed: failures/calls over the window at or above failure_ratio (with at least
 -- min_calls), or max_consecutive failures in a row (a sudden outage after a busy,
 -- healthy window), opens it; fatal (quota, auth) opens it at once for fatal_cooldown.
@@ -28,6 +35,7 @@ local fatal_cooldown = tonumber(ARGV[6])
 local max_probes = tonumber(ARGV[7])
 local close_after = tonumber(ARGV[8])
 local max_consecutive = tonumber(ARGV[9])
+local lease = tonumber(ARGV[10])
 
 local raw = redis.call('HGETALL', key)
 local s = {}
@@ -40,11 +48,13 @@ local fails = tonumber(s.fails or '0')
 local probes = tonumber(s.probes or '0')
 local oks = tonumber(s.oks or '0')
 local streak = tonumber(s.streak or '0')
+local probe_lease = tonumber(s.probe_lease or '0')
 
 local function save()
   redis.call('HSET', key, 'state', state, 'open_until', string.format('%.0f', open_until),
     'win_start', string.format('%.0f', win_start), 'calls', calls, 'fails', fails,
-    'probes', probes, 'oks', oks, 'streak', streak)
+    'probes', probes, 'oks', oks, 'streak', streak,
+    'probe_lease', string.format('%.0f', probe_lease))
   redis.call('PEXPIRE', key, 86400000)
 end
 
@@ -57,23 +67,27 @@ end
 if op == 'allow' then
   if state == 'open' then
     if now < open_until then
-      return {0, math.ceil(open_until - now), state}
+      return {0, math.ceil(open_until - now), state, 0}
     end
     state, probes, oks = 'half_open', 0, 0
   end
   if state == 'half_open' then
+    if probes >= max_probes and now >= probe_lease then
+      probes = 0
+    end
     if probes >= max_probes then
       save()
-      return {0, 1000, state}
+      return {0, math.max(1, math.min(1000, math.ceil(probe_lease - now))), state, 0}
     end
     probes = probes + 1
+    probe_lease = now + lease
     save()
-    return {1, 0, state}
+    return {1, 0, state, 1}
   end
-  return {1, 0, state}
+  return {1, 0, state, 0}
 
 elseif op == 'record' then
-  local outcome = ARGV[10]
+  local outcome = ARGV[11]
   if outcome == 'fatal' then
     open(fatal_cooldown)
   elseif state == 'half_open' then
@@ -105,8 +119,15 @@ elseif op == 'record' then
   save()
   return {state}
 
+elseif op == 'release' then
+  if state == 'half_open' and probes > 0 then
+    probes = probes - 1
+    save()
+  end
+  return {state}
+
 elseif op == 'state' then
   return {state, math.max(0, math.ceil(open_until - now))}
 end
 
-return redis.error_reply('llmq_breaker_v1: unknown op ' .. tostring(op))
+return redis.error_reply('llmq_breaker_v2: unknown op ' .. tostring(op))

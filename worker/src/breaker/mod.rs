@@ -1,10 +1,14 @@
 //! The circuit breaker per (provider, key), shared by the fleet in Redis: a provider that
 //! keeps failing stops receiving calls for a while (jobs take their fallback route or wait
 //! without spending attempts), then a few probes decide whether it is back.
-//! The script (`llmq_breaker_v1.lua`) holds the state machine; this file calls it.
+//! The script (`llmq_breaker_v2.lua`) holds the state machine; this file calls it.
+//! A half-open probe is a [`Permit`] that must come back: recorded with the call's
+//! outcome, or released when the job leaves without calling (dropped permits release
+//! themselves); the script also leases probes, so a crashed holder's probe lapses.
 //! Redis unreachable: calls are allowed (the budget, not the breaker, is what must fail
 //! closed).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use secrecy::ExposeSecret;
@@ -14,7 +18,7 @@ use tracing::warn;
 use crate::outcome::ErrorClass;
 use crate::settings::Settings;
 
-const BREAKER_SCRIPT: &str = include_str!("llmq_breaker_v1.lua");
+const BREAKER_SCRIPT: &str = include_str!("llmq_breaker_v2.lua");
 
 /// Breaker thresholds.
 #[derive(Debug, Clone, Deserialize)]
@@ -35,6 +39,13 @@ pub struct BreakerSettings {
     pub half_open_probes: u32,
     /// Successful probes that close it.
     pub close_after: u32,
+    /// A probe not given back within this long (its holder crashed) stops counting.
+    #[serde(default = "default_probe_lease_secs")]
+    pub probe_lease_secs: u64,
+}
+
+fn default_probe_lease_secs() -> u64 {
+    60
 }
 
 /// What a call outcome means to the breaker.
@@ -44,7 +55,7 @@ pub enum Signal {
     Success,
     /// Counts toward opening (upstream, network, timeout).
     Failure,
-    /// Opens at once (quota exhausted, auth, permission).
+    /// Opens at once (quota exhausted, auth: the key cannot serve anyone).
     Fatal,
     /// Says nothing about the provider's health (rate limit, bad request).
     Neutral,
@@ -55,10 +66,13 @@ impl Signal {
     pub fn of(class: ErrorClass) -> Self {
         match class {
             ErrorClass::Upstream | ErrorClass::Network | ErrorClass::Timeout => Signal::Failure,
-            ErrorClass::QuotaExhausted | ErrorClass::Auth | ErrorClass::Permission => Signal::Fatal,
-            ErrorClass::RateLimited | ErrorClass::BadRequest | ErrorClass::RequestTooLarge => {
-                Signal::Neutral
-            }
+            ErrorClass::QuotaExhausted | ErrorClass::Auth => Signal::Fatal,
+            // A 403 is about one model or one request (a model the key may not use), not
+            // the provider's health: it must not close the provider to every tenant.
+            ErrorClass::Permission
+            | ErrorClass::RateLimited
+            | ErrorClass::BadRequest
+            | ErrorClass::RequestTooLarge => Signal::Neutral,
         }
     }
 
@@ -83,7 +97,52 @@ pub struct CircuitState {
     pub open_ms_left: u64,
 }
 
+/// The answer of [`Breaker::check`].
+#[derive(Debug)]
+pub enum Permit {
+    /// Call now. A half-open probe comes with a lease that goes back when the permit is
+    /// recorded ([`Breaker::record`]) or dropped.
+    Call(Option<ProbeLease>),
+    /// The circuit is open for this much longer.
+    Open(Duration),
+}
+
+impl Permit {
+    /// How long the circuit stays open, or `None` when the call may go ahead.
+    pub fn open_for(&self) -> Option<Duration> {
+        match self {
+            Permit::Call(_) => None,
+            Permit::Open(d) => Some(*d),
+        }
+    }
+}
+
+/// A half-open probe held by one job; given back to the fleet when dropped unrecorded.
+#[derive(Debug)]
+pub struct ProbeLease {
+    breaker: Arc<Breaker>,
+    provider: String,
+    armed: bool,
+}
+
+impl Drop for ProbeLease {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let (breaker, provider) = (self.breaker.clone(), std::mem::take(&mut self.provider));
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                if let Err(e) = breaker.eval::<Vec<String>>(&provider, "release", None).await {
+                    warn!(error = %e, provider, "could not give back a circuit probe; its lease lapses");
+                }
+            });
+        }
+    }
+}
+
 /// The fleet's breakers.
+#[derive(Debug)]
 pub struct Breaker {
     pool: deadpool_redis::Pool,
     script: redis::Script,
@@ -109,7 +168,7 @@ impl Breaker {
         format!("{{{}:cb:{provider}}}", self.namespace)
     }
 
-    async fn eval<T: redis::FromRedisValue>(
+    pub(crate) async fn eval<T: redis::FromRedisValue>(
         &self,
         provider: &str,
         op: &str,
@@ -127,26 +186,39 @@ impl Breaker {
             .arg(s.fatal_cooldown_secs * 1000)
             .arg(s.half_open_probes)
             .arg(s.close_after)
-            .arg(s.consecutive_failures);
+            .arg(s.consecutive_failures)
+            .arg(s.probe_lease_secs.max(1) * 1000);
         if let Some(o) = outcome {
             inv.arg(o);
         }
         Ok(tokio::time::timeout(Duration::from_millis(500), inv.invoke_async(&mut conn)).await??)
     }
 
-    /// `None` to call `provider` now; `Some(d)` when its circuit is open for `d` more.
-    pub async fn check(&self, provider: &str) -> Option<Duration> {
+    /// Whether `provider` may be called now; while half-open, the permit holds a probe.
+    pub async fn check(self: &Arc<Self>, provider: &str) -> Permit {
         match self
-            .eval::<(i64, i64, String)>(provider, "allow", None)
+            .eval::<(i64, i64, String, i64)>(provider, "allow", None)
             .await
         {
-            Ok((1, _, _)) => None,
-            Ok((_, ms, _)) => Some(Duration::from_millis(ms.max(0).unsigned_abs())),
+            Ok((1, _, _, probe)) => Permit::Call((probe == 1).then(|| ProbeLease {
+                breaker: self.clone(),
+                provider: provider.to_owned(),
+                armed: true,
+            })),
+            Ok((_, ms, _, _)) => Permit::Open(Duration::from_millis(ms.max(0).unsigned_abs())),
             Err(e) => {
                 warn!(error = %e, provider, "circuit breaker unreachable; allowing the call");
-                None
+                Permit::Call(None)
             }
         }
+    }
+
+    /// Records the outcome of a call made under `permit` (its probe, if any, is spent).
+    pub async fn record_call(&self, permit: Permit, provider: &str, signal: Signal) -> Option<String> {
+        if let Permit::Call(Some(mut lease)) = permit {
+            lease.armed = false;
+        }
+        self.record(provider, signal).await
     }
 
     /// Records a call's outcome; returns the circuit's state after it, when known.
