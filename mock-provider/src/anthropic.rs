@@ -106,6 +106,10 @@ pub(crate) async fn messages(
         .trim()
         .to_owned();
     let parsed = state.arrive(&key, &body);
+    let faults = state.faults();
+    if faults.hang {
+        return crate::faults::hang().await;
+    }
     let count = |usage: Option<(u64, u64)>| {
         if let Ok(mut s) = state.stats.lock() {
             s.count(&key, usage);
@@ -135,7 +139,6 @@ pub(crate) async fn messages(
             "anthropic-version: header is required",
         );
     }
-    let faults = state.faults();
     if let Some(stall) = faults.stall() {
         tokio::time::sleep(stall).await;
         count(None);
@@ -267,6 +270,7 @@ pub(crate) async fn messages(
                     &json!({"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}}),
                 )
             }),
+            cut_mid_event: faults.stream_cut_mid_event(),
         };
         let mut ok = crate::stream::respond(plan, &rid);
         ok.headers_mut().extend(limit_headers);

@@ -11,11 +11,15 @@
 //! - `anthropic`: `POST /v1/messages`.
 //! - `limits` ([`Limits`]): RPM/TPM per key, with the providers' 429 bodies and headers.
 //! - `faults` ([`Faults`]): 5xx, overload, resets, truncated bodies, stalls, per-key
-//!   quota/auth failures, a context window; changeable at run time (`PUT /_mock/faults`).
+//!   quota/auth failures, a context window, and hostile answers (huge multi-byte error
+//!   bodies, verbatim `retry-after`, endless bodies, streams cut mid-event, hangs);
+//!   changeable at run time (`PUT /_mock/faults`).
 //! - [`Stats`]: what was asked (counted at arrival) and answered, per key
 //!   (`GET /_mock/stats`, `POST /_mock/reset`).
 //! - Calls per prompt: how many completion requests arrived for each last user message
 //!   ([`MockHandle::calls`], `GET /_mock/calls`), to count duplicate calls per job.
+//! - In flight: completion requests arrived whose answer is not over yet
+//!   ([`MockHandle::in_flight`]); drops back when a client goes away mid-answer.
 //!
 //! Token estimate (`usage`): `ceil(chars / 4)` per message content plus 4 per message for
 //! the prompt; `ceil(chars / 4)`, at least 1, for the completion.
@@ -32,9 +36,14 @@ mod stream;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use axum::body::{Body, HttpBody};
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::Response;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::Value;
@@ -82,6 +91,23 @@ pub(crate) struct AppState {
     pub started: std::time::Instant,
     pub faults: Arc<std::sync::RwLock<Faults>>,
     pub refuse: Arc<tokio::sync::Notify>,
+    pub in_flight: Arc<AtomicU64>,
+}
+
+/// One completion counted in flight until dropped.
+struct InFlight(Arc<AtomicU64>);
+
+impl InFlight {
+    fn enter(count: &Arc<AtomicU64>) -> Self {
+        count.fetch_add(1, Ordering::SeqCst);
+        Self(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// Replaces the faults; a `refuse_ms` window wakes the serving loop to close the port.
@@ -150,6 +176,7 @@ pub struct MockHandle {
     started: std::time::Instant,
     faults: Arc<std::sync::RwLock<Faults>>,
     refuse: Arc<tokio::sync::Notify>,
+    in_flight: Arc<AtomicU64>,
     shutdown: CancellationToken,
 }
 
@@ -171,6 +198,13 @@ impl MockHandle {
     /// still counts in [`Stats::requests_total`]).
     pub fn calls(&self) -> BTreeMap<String, u64> {
         self.calls.lock().map(|c| c.clone()).unwrap_or_default()
+    }
+
+    /// Completion requests arrived whose answer is not over: still being prepared (latency,
+    /// stalls, hangs) or its body still being sent (streams, endless bodies). Falls back
+    /// when the answer ends or its client goes away.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::SeqCst)
     }
 
     /// Milliseconds since the mock started (the clock of [`Admitted::at_ms`]).
@@ -200,6 +234,10 @@ fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/messages", post(anthropic::messages))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            around_completion,
+        ))
         .route("/_mock/stats", get(get_stats))
         .route("/_mock/reset", post(reset_stats))
         .route("/_mock/calls", get(get_calls))
@@ -207,6 +245,27 @@ fn router(state: AppState) -> Router {
         .route("/_mock/faults", get(get_faults).put(put_faults))
         .route("/healthz", get(|| async { "ok" }))
         .with_state(state)
+}
+
+/// Around every completion: counted in flight until its body is over (or dropped with the
+/// connection), and the `retry_after` fault applied to its headers.
+async fn around_completion(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let guard = InFlight::enter(&state.in_flight);
+    let mut resp = next.run(req).await;
+    state.faults().override_retry_after(&mut resp);
+    if resp.body().size_hint().exact().is_some() {
+        return resp;
+    }
+    // A streamed body: the guard goes with the stream.
+    let (parts, body) = resp.into_parts();
+    let stream = futures_util::stream::unfold(
+        (body.into_data_stream(), guard),
+        |(mut s, guard)| async move {
+            let chunk = futures_util::StreamExt::next(&mut s).await?;
+            Some((chunk, (s, guard)))
+        },
+    );
+    Response::from_parts(parts, Body::from_stream(stream))
 }
 
 async fn get_stats(axum::extract::State(state): axum::extract::State<AppState>) -> Json<Stats> {
@@ -262,7 +321,9 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
     let started = std::time::Instant::now();
     let faults = Arc::new(std::sync::RwLock::new(config.faults.clone()));
     let refuse = Arc::new(tokio::sync::Notify::new());
+    let in_flight = Arc::new(AtomicU64::new(0));
     let state = AppState {
+        in_flight: in_flight.clone(),
         refuse: refuse.clone(),
         faults: faults.clone(),
         config: Arc::new(config),
@@ -282,6 +343,7 @@ pub async fn spawn(bind: &str, config: MockConfig) -> anyhow::Result<MockHandle>
         started,
         faults,
         refuse,
+        in_flight,
         shutdown,
     })
 }

@@ -75,6 +75,29 @@ struct Cli {
     /// Context window: prompt + max_tokens above it is 400 context_length_exceeded.
     #[arg(long)]
     context_limit: Option<u64>,
+    /// 5xx fault answers carry an error message of about this many bytes of multi-byte
+    /// (CJK, emoji) text.
+    #[arg(long, default_value_t = 0)]
+    huge_error_body_bytes: usize,
+    /// With --huge-error-body-bytes, send the text alone as text/plain (not JSON).
+    #[arg(long)]
+    huge_error_body_raw: bool,
+    /// Every 429/503/529 answer carries retry-after and retry-after-ms with exactly this
+    /// text (e.g. 1e300, -5, NaN, "").
+    #[arg(long, allow_hyphen_values = true)]
+    retry_after: Option<String>,
+    /// Fraction of requests answered 200 with a JSON body that never ends.
+    #[arg(long, default_value_t = 0.0)]
+    endless_body_rate: f64,
+    /// Every request answers 503 with an error body that never ends.
+    #[arg(long)]
+    endless_error_body: bool,
+    /// Fraction of streamed answers that end in the middle of an event.
+    #[arg(long, default_value_t = 0.0)]
+    stream_cut_mid_event_rate: f64,
+    /// Read every completion request and never answer it.
+    #[arg(long)]
+    hang: bool,
 }
 
 #[tokio::main]
@@ -104,6 +127,13 @@ async fn main() -> anyhow::Result<()> {
             stream_error_rate: cli.stream_error_rate,
             stream_stall_ms: cli.stream_stall_ms,
             refuse_ms: cli.refuse_ms,
+            huge_error_body_bytes: cli.huge_error_body_bytes,
+            huge_error_body_raw: cli.huge_error_body_raw,
+            retry_after: cli.retry_after.clone(),
+            endless_body_rate: cli.endless_body_rate,
+            endless_error_body: cli.endless_error_body,
+            stream_cut_mid_event_rate: cli.stream_cut_mid_event_rate,
+            hang: cli.hang,
         },
         limits: (cli.rpm.is_some()
             || cli.tpm.is_some()

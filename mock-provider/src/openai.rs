@@ -92,6 +92,10 @@ pub(crate) async fn chat_completions(
         .trim()
         .to_owned();
     let parsed = state.arrive(&key, &body);
+    let faults = state.faults();
+    if faults.hang {
+        return crate::faults::hang().await;
+    }
     let count = |usage: Option<(u64, u64)>| {
         if let Ok(mut s) = state.stats.lock() {
             s.count(&key, usage);
@@ -113,7 +117,6 @@ pub(crate) async fn chat_completions(
             started,
         );
     }
-    let faults = state.faults();
     if let Some(stall) = faults.stall() {
         tokio::time::sleep(stall).await;
         count(None);
@@ -304,6 +307,7 @@ pub(crate) async fn chat_completions(
                     "message": "The server had an error while processing your request. Sorry about that!",
                     "type": "server_error", "param": null, "code": null}}))
             }),
+            cut_mid_event: faults.stream_cut_mid_event(),
         };
         let mut ok = crate::stream::respond(plan, &request_id());
         if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {

@@ -1,6 +1,6 @@
 //! Streamed (`text/event-stream`) answers, paced like a model writing: one event per
 //! chunk, `MockConfig::chunk_delay` apart, with the streaming faults (an error event after
-//! the 200, a stall after the first chunk).
+//! the 200, a stall after the first chunk, an end in the middle of an event).
 
 use std::time::Duration;
 
@@ -18,6 +18,9 @@ pub(crate) struct Plan {
     pub stall: Option<Duration>,
     /// Replace the second half of the stream with this error event and end there.
     pub error_event: Option<String>,
+    /// Unless `error_event`: after half the events, send the first half of the next one
+    /// (cut inside its JSON) and end the body there.
+    pub cut_mid_event: bool,
 }
 
 /// The 200 response playing `plan`, with the provider's request id.
@@ -26,6 +29,11 @@ pub(crate) fn respond(plan: Plan, request_id: &str) -> Response {
     if let Some(err) = plan.error_event {
         events.truncate(events.len() / 2);
         events.push(err);
+    } else if plan.cut_mid_event {
+        let keep = events.len() / 2;
+        let half = events.get(keep).map(|e| half_event(e));
+        events.truncate(keep);
+        events.extend(half);
     }
     let delay = plan.chunk_delay;
     let stall = plan.stall;
@@ -57,6 +65,16 @@ pub(crate) fn respond(plan: Plan, request_id: &str) -> Response {
         h.insert("request-id", v);
     }
     resp
+}
+
+/// The first half of `event`, cut inside its `data:` JSON (no terminating blank line).
+fn half_event(event: &str) -> String {
+    let json = event.find("data: ").map_or(0, |i| i + "data: ".len());
+    let mut cut = json + (event.len() - json) / 2;
+    while !event.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    event.get(..cut).unwrap_or(event).to_owned()
 }
 
 /// `data: <json>` followed by a blank line (OpenAI's framing).

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use llmq_mock_provider::{spawn, MockConfig, MockHandle};
+use llmq_mock_provider::{spawn, Faults, MockConfig, MockHandle};
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -500,5 +500,370 @@ async fn calls_are_counted_per_prompt_at_arrival() -> anyhow::Result<()> {
     assert!(mock.calls().is_empty());
     let r = call(&mock, "GET", "/_mock/calls", &[], None).await?;
     assert_eq!(r.json()?, json!({}));
+    Ok(())
+}
+
+#[tokio::test]
+async fn huge_error_bodies_are_multibyte_text() -> anyhow::Result<()> {
+    let mock = spawn("127.0.0.1:0", MockConfig::default()).await?;
+    // Set over HTTP, as a test in another process would.
+    let r = call(
+        &mock,
+        "PUT",
+        "/_mock/faults",
+        &[],
+        Some(&json!({"outage": true, "huge_error_body_bytes": 100_000})),
+    )
+    .await?;
+    assert_eq!(r.status, 200);
+    let r = call(
+        &mock,
+        "POST",
+        "/v1/chat/completions",
+        &[BEARER],
+        Some(&chat("x")),
+    )
+    .await?;
+    assert_eq!(r.status, 503);
+    assert!(r
+        .header("content-type")
+        .unwrap_or_default()
+        .starts_with("application/json"));
+    let v = r.json()?;
+    assert_eq!(v["error"]["type"], "server_error");
+    let msg = v["error"]["message"].as_str().unwrap_or_default();
+    assert!((99_990..=100_000).contains(&msg.len()), "{}", msg.len());
+    assert!(msg.starts_with("服务器暂时不可用") && msg.contains('🔥'));
+    // Most byte offsets fall inside a character.
+    assert!((1..=4).any(|i| !msg.is_char_boundary(msg.len() / 2 + i)));
+
+    let ant_error = |v: &Value, kind: &str| {
+        assert_eq!(v["type"], "error");
+        assert_eq!(v["error"]["type"], kind);
+        let msg = v["error"]["message"].as_str().unwrap_or_default();
+        assert!((99_990..=100_000).contains(&msg.len()), "{}", msg.len());
+        assert!(msg.contains("请稍后再试"));
+    };
+    mock.set_faults(Faults {
+        error_rate: 1.0,
+        huge_error_body_bytes: 100_000,
+        ..Faults::default()
+    });
+    let m = "/v1/messages";
+    let r = call(
+        &mock,
+        "POST",
+        m,
+        &[ANT_KEY, ANT_VERSION],
+        Some(&ant(json!("x"))),
+    )
+    .await?;
+    assert_eq!(r.status, 500);
+    ant_error(&r.json()?, "api_error");
+    mock.set_faults(Faults {
+        overloaded_rate: 1.0,
+        huge_error_body_bytes: 100_000,
+        ..Faults::default()
+    });
+    let r = call(
+        &mock,
+        "POST",
+        m,
+        &[ANT_KEY, ANT_VERSION],
+        Some(&ant(json!("x"))),
+    )
+    .await?;
+    assert_eq!(r.status, 529);
+    ant_error(&r.json()?, "overloaded_error");
+
+    // The raw variant: the text alone, not JSON.
+    mock.set_faults(Faults {
+        overloaded_rate: 1.0,
+        huge_error_body_bytes: 50_000,
+        huge_error_body_raw: true,
+        ..Faults::default()
+    });
+    for (path, headers, body, status) in [
+        ("/v1/chat/completions", &[BEARER][..], chat("x"), 503),
+        (m, &[ANT_KEY, ANT_VERSION][..], ant(json!("x")), 529),
+    ] {
+        let r = call(&mock, "POST", path, headers, Some(&body)).await?;
+        assert_eq!(r.status, status);
+        assert!(r
+            .header("content-type")
+            .unwrap_or_default()
+            .starts_with("text/plain"));
+        assert!(r.json().is_err());
+        assert!(
+            (49_990..=50_000).contains(&r.body.len()),
+            "{}",
+            r.body.len()
+        );
+        assert!(r.body.starts_with("服务器暂时不可用"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn retry_after_is_sent_verbatim_on_429_503_529() -> anyhow::Result<()> {
+    let config = MockConfig {
+        limits: Some(llmq_mock_provider::Limits {
+            rpm: Some(1),
+            ..Default::default()
+        }),
+        faults: Faults {
+            retry_after: Some("1e300".into()),
+            ..Faults::default()
+        },
+        ..MockConfig::default()
+    };
+    let mock = spawn("127.0.0.1:0", config).await?;
+    let openai = "/v1/chat/completions";
+    let m = "/v1/messages";
+    let ant_headers = [ANT_KEY, ANT_VERSION];
+    let retry = |r: &Reply| {
+        (
+            r.header("retry-after").map(str::to_owned),
+            r.header("retry-after-ms").map(str::to_owned),
+        )
+    };
+    let both = |s: &str| (Some(s.to_owned()), Some(s.to_owned()));
+
+    // Rate limits (both APIs): the first call fits, the second gets the verbatim value.
+    for (path, headers, body) in [
+        (openai, &[BEARER][..], chat("x")),
+        (m, &ant_headers[..], ant(json!("x"))),
+    ] {
+        let r = call(&mock, "POST", path, headers, Some(&body)).await?;
+        assert_eq!(r.status, 200);
+        assert_eq!(retry(&r), (None, None));
+        let r = call(&mock, "POST", path, headers, Some(&body)).await?;
+        assert_eq!(r.status, 429, "{}", r.body);
+        assert_eq!(retry(&r), both("1e300"));
+    }
+
+    // Faults: OpenAI 503, Anthropic 529, a 429 quota answer; set over HTTP too.
+    for value in ["-5", "NaN", "99999999999999999999", "inf", ""] {
+        let r = call(
+            &mock,
+            "PUT",
+            "/_mock/faults",
+            &[],
+            Some(&json!({"overloaded_rate": 1.0, "retry_after": value})),
+        )
+        .await?;
+        assert_eq!(r.status, 200);
+        let r = call(&mock, "POST", openai, &[BEARER], Some(&chat("x"))).await?;
+        assert_eq!((r.status, retry(&r)), (503, both(value)));
+        let r = call(&mock, "POST", m, &ant_headers, Some(&ant(json!("x")))).await?;
+        assert_eq!((r.status, retry(&r)), (529, both(value)));
+    }
+    mock.set_faults(Faults {
+        quota_keys: vec!["sk-test-1234567890abcd".into()],
+        retry_after: Some("-5".into()),
+        ..Faults::default()
+    });
+    let r = call(&mock, "POST", openai, &[BEARER], Some(&chat("x"))).await?;
+    assert_eq!((r.status, retry(&r)), (429, both("-5")));
+
+    // Not a 429/503/529: untouched.
+    mock.set_faults(Faults {
+        error_rate: 1.0,
+        retry_after: Some("7".into()),
+        ..Faults::default()
+    });
+    let r = call(&mock, "POST", openai, &[BEARER], Some(&chat("x"))).await?;
+    assert_eq!((r.status, retry(&r)), (500, (None, None)));
+
+    // Not a valid header value: neither header, not even the computed ones.
+    mock.set_faults(Faults {
+        retry_after: Some("1\r\nx-injected: yes".into()),
+        ..Faults::default()
+    });
+    let r = call(&mock, "POST", openai, &[BEARER], Some(&chat("x"))).await?;
+    assert_eq!((r.status, retry(&r)), (429, (None, None)));
+    assert!(r.header("x-injected").is_none());
+    Ok(())
+}
+
+/// Reads the status line and headers of `conn`, returning the status, the head and the
+/// body bytes read past it.
+async fn read_head(conn: &mut tokio::net::TcpStream) -> anyhow::Result<(u16, String, Vec<u8>)> {
+    let mut raw = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        if let Some(end) = raw.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8(raw[..end].to_vec())?;
+            let status = head
+                .split(' ')
+                .nth(1)
+                .ok_or_else(|| anyhow::anyhow!("no status"))?
+                .parse()?;
+            return Ok((status, head, raw[end + 4..].to_vec()));
+        }
+        let n = conn.read(&mut buf).await?;
+        anyhow::ensure!(n > 0, "closed before the headers");
+        raw.extend_from_slice(&buf[..n]);
+    }
+}
+
+#[tokio::test]
+async fn endless_bodies_flow_until_the_client_leaves() -> anyhow::Result<()> {
+    let mock = spawn("127.0.0.1:0", MockConfig::default()).await?;
+    let cases = [
+        (
+            Faults {
+                endless_body_rate: 1.0,
+                ..Faults::default()
+            },
+            "/v1/chat/completions",
+            &[BEARER][..],
+            chat("x"),
+            200,
+            r#"{"id":"chatcmpl-mock","object":"chat.completion""#,
+        ),
+        (
+            Faults {
+                endless_body_rate: 1.0,
+                ..Faults::default()
+            },
+            "/v1/messages",
+            &[ANT_KEY, ANT_VERSION][..],
+            ant(json!("x")),
+            200,
+            r#"{"id":"msg_mock","type":"message""#,
+        ),
+        (
+            Faults {
+                endless_error_body: true,
+                ..Faults::default()
+            },
+            "/v1/chat/completions",
+            &[BEARER][..],
+            chat("x"),
+            503,
+            r#"{"error":{"type":"server_error""#,
+        ),
+        (
+            Faults {
+                endless_error_body: true,
+                ..Faults::default()
+            },
+            "/v1/messages",
+            &[ANT_KEY, ANT_VERSION][..],
+            ant(json!("x")),
+            503,
+            r#"{"type":"error","error":{"type":"overloaded_error""#,
+        ),
+    ];
+    for (faults, path, headers, body, status, prefix) in cases {
+        mock.set_faults(faults);
+        let mut conn = open(&mock, "POST", path, headers, &body.to_string()).await?;
+        let (got, head, mut seen) = read_head(&mut conn).await?;
+        assert_eq!(got, status, "{path}");
+        assert!(head.contains("content-type: application/json"), "{head}");
+        // Far more than any answer, and still coming.
+        let mut buf = vec![0u8; 64 * 1024];
+        while seen.len() < 512 * 1024 {
+            let n = tokio::time::timeout(Duration::from_secs(2), conn.read(&mut buf)).await??;
+            anyhow::ensure!(n > 0, "{path}: the endless body ended");
+            seen.extend_from_slice(&buf[..n]);
+        }
+        let text = String::from_utf8_lossy(&seen);
+        assert!(text.contains(prefix), "{path}: {}", &text[..200]);
+        assert!(text.contains(&"x".repeat(4096)));
+        assert_eq!(mock.in_flight(), 1);
+        // The client leaves: the generator goes with the connection.
+        drop(conn);
+        eventually("endless body dropped", || mock.in_flight() == 0).await?;
+    }
+    let s = mock.stats();
+    assert_eq!((s.requests_total, s.succeeded, s.rejected), (4, 0, 4));
+    Ok(())
+}
+
+#[tokio::test]
+async fn streams_can_stop_mid_event() -> anyhow::Result<()> {
+    let mock = spawn(
+        "127.0.0.1:0",
+        MockConfig {
+            faults: Faults {
+                stream_cut_mid_event_rate: 1.0,
+                ..Faults::default()
+            },
+            ..MockConfig::default()
+        },
+    )
+    .await?;
+    let mut openai = chat("a few words to stream here");
+    openai["stream"] = json!(true);
+    let mut anthropic = ant(json!("a few words to stream here"));
+    anthropic["stream"] = json!(true);
+    for (path, headers, body) in [
+        ("/v1/chat/completions", &[BEARER][..], openai),
+        ("/v1/messages", &[ANT_KEY, ANT_VERSION][..], anthropic),
+    ] {
+        // `call` reads to the end: the body ends cleanly (last chunk sent).
+        let r = call(&mock, "POST", path, headers, Some(&body)).await?;
+        assert_eq!(r.status, 200);
+        assert!(!r.body.ends_with("\n\n"), "{path}: {}", r.body);
+        let events: Vec<&str> = r.body.split("\n\n").collect();
+        let (last, whole) = events
+            .split_last()
+            .ok_or_else(|| anyhow::anyhow!("no events"))?;
+        assert!(!whole.is_empty(), "{path}: no whole event before the cut");
+        for e in whole {
+            let data = e
+                .lines()
+                .find_map(|l| l.strip_prefix("data: "))
+                .ok_or_else(|| anyhow::anyhow!("{path}: no data in {e:?}"))?;
+            serde_json::from_str::<Value>(data)?;
+        }
+        let data = last
+            .split_once("data: ")
+            .map(|(_, d)| d)
+            .ok_or_else(|| anyhow::anyhow!("{path}: cut before data: {last:?}"))?;
+        assert!(data.starts_with('{') && data.len() > 1, "{path}: {last:?}");
+        assert!(serde_json::from_str::<Value>(data).is_err());
+        assert!(!r.body.contains("[DONE]") && !r.body.contains("message_stop"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn hang_reads_requests_and_never_answers() -> anyhow::Result<()> {
+    let mock = spawn("127.0.0.1:0", MockConfig::default()).await?;
+    mock.set_faults(Faults {
+        hang: true,
+        ..Faults::default()
+    });
+    let mut conns = Vec::new();
+    for (path, headers, body) in [
+        ("/v1/chat/completions", &[BEARER][..], chat("hung")),
+        (
+            "/v1/messages",
+            &[ANT_KEY, ANT_VERSION][..],
+            ant(json!("hung")),
+        ),
+        // Even a request that would be refused.
+        ("/v1/chat/completions", &[][..], chat("hung")),
+    ] {
+        conns.push(open(&mock, "POST", path, headers, &body.to_string()).await?);
+    }
+    eventually("all arrived", || mock.stats().requests_total == 3).await?;
+    for conn in &mut conns {
+        let mut buf = [0u8; 64];
+        let read = tokio::time::timeout(Duration::from_millis(300), conn.read(&mut buf)).await;
+        assert!(read.is_err(), "answered: {read:?}");
+    }
+    let s = mock.stats();
+    assert_eq!((s.requests_total, s.succeeded, s.rejected), (3, 0, 0));
+    assert_eq!(mock.calls().get("hung"), Some(&3));
+    assert_eq!(mock.in_flight(), 3);
+    drop(conns);
+    eventually("hung requests dropped", || mock.in_flight() == 0).await?;
+    // Admin routes still answer.
+    let r = call(&mock, "GET", "/_mock/stats", &[], None).await?;
+    assert_eq!(r.json()?["requests_total"], 3);
     Ok(())
 }
