@@ -82,6 +82,10 @@ if op == 'acquire' then
   end
   local wait = start - now
   if wait > max_wait then
+    -- Nothing is charged, but a limit seen for the first time keeps its (empty) state,
+    -- so it fills from now on; unsaved, every later ask would start empty again and a
+    -- job whose first slot is past max_wait would be sent back forever.
+    save()
     return {2, math.ceil(wait), pause_left()}
   end
   for i = 1, n do
