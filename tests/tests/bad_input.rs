@@ -52,6 +52,44 @@ async fn api_and_sdk_refuse_bad_jobs_and_write_nothing() {
         "max_tokens_out_of_range",
         "lower it",
     ));
+    // params that repeat a field the envelope owns (the message would not decode) or
+    // that would change the call's cost behind the budget.
+    let mut v = good();
+    v["params"] = json!({"max_tokens": 8});
+    cases.push((
+        "params repeating max_tokens",
+        v,
+        422,
+        "param_not_allowed",
+        "params.max_tokens",
+    ));
+    let mut v = good();
+    v["params"] = json!({"n": 4});
+    cases.push((
+        "params asking for four completions",
+        v,
+        422,
+        "param_not_allowed",
+        "params.n",
+    ));
+    let mut v = good();
+    v["params"] = json!({"max_completion_tokens": 100000});
+    cases.push((
+        "params bypassing max_tokens",
+        v,
+        422,
+        "param_not_allowed",
+        "use max_tokens",
+    ));
+    let mut v = good();
+    v["fallbacks"] = json!(vec![json!({"model": "gpt-4o-mini"}); 9]);
+    cases.push((
+        "too many fallbacks",
+        v,
+        422,
+        "too_many_fallbacks",
+        "limit of 8",
+    ));
     let mut v = good();
     v["version"] = json!(2);
     cases.push((
