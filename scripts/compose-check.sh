@@ -29,5 +29,12 @@ assert "container_name" not in w and "ports" not in w, "worker must be scalable 
 assert w["depends_on"]["migrate"]["condition"] == "service_completed_successfully"
 for s in ["rabbitmq", "redis", "postgres", "api", "mock-provider"]:
     assert "healthcheck" in svc[s], f"{s} has no healthcheck"
+r = svc["rabbitmq"]
+assert r.get("hostname"), "rabbitmq needs a fixed hostname (its data directory is named after it)"
+assert any(str(v).endswith(":/var/lib/rabbitmq") for v in r.get("volumes", [])), \
+    "rabbitmq needs a volume on /var/lib/rabbitmq, or recreating it drops every queued message"
+for name, s in svc.items():
+    for p in s.get("ports", []):
+        assert str(p).startswith("127.0.0.1:"), f"{name} publishes {p} on every interface"
 print("llmq compose rules: ok")
 PY
