@@ -196,7 +196,8 @@ async fn reset_for_replay(pool: &PgPool, id: JobId) -> anyhow::Result<Option<Job
     let mut envelope = envelope.0;
     envelope.max_attempts += u32::try_from(attempts).unwrap_or(0);
     sqlx::query(
-        "UPDATE jobs SET state = 'queued', envelope = $2, max_attempts = $3, finished_at = NULL, updated_at = now()
+        "UPDATE jobs SET state = 'queued', envelope = $2, max_attempts = $3, finished_at = NULL,
+                         repairs = 0, updated_at = now()
          WHERE id = $1",
     )
     .bind(id.0)
