@@ -1169,6 +1169,20 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let providers = Arc::new(providers);
+    let longest_call = settings
+        .providers
+        .values()
+        .map(|p| p.timeout_base_secs + p.timeout_per_1k_tokens_secs * u64::from(settings.limits.max_output_tokens) / 1000)
+        .max()
+        .unwrap_or(0);
+    if settings.worker.repair_after_secs < settings.admission.max_wait_secs + longest_call {
+        warn!(
+            repair_after_secs = settings.worker.repair_after_secs,
+            max_wait_secs = settings.admission.max_wait_secs,
+            longest_call_secs = longest_call,
+            "worker.repair_after_secs is shorter than the longest budget wait plus the longest call: the repair sweep may republish a job that is still being worked on (a second provider call); raise it"
+        );
+    }
     let admission = Arc::new(Admission::new(&settings)?);
     let breaker = Arc::new(Breaker::new(&settings)?);
     let metrics = crate::metrics::Metrics::new();
