@@ -180,7 +180,7 @@ async fn follow(
             relay_text(state, id, seq, attempt, &mut cursor, tx).await?;
         }
         if rows.last().is_some_and(|r| r.state == "queued") {
-            if let Ok(mut status) = state.client.status(id).await {
+            if let Ok(mut status) = state.producer.client().status(id).await {
                 super::add_eta(state, &mut status).await;
                 let now = (
                     status.position,
@@ -201,7 +201,7 @@ async fn follow(
             }
         }
         if terminal {
-            if let Ok(status) = state.client.status(id).await {
+            if let Ok(status) = state.producer.client().status(id).await {
                 let data = serde_json::to_string(&status).unwrap_or_default();
                 send(tx, Event::default().event("result").data(data)).await?;
             }

@@ -2,6 +2,8 @@
 //! one place (`ApiError`), as JSON `{"error": {"code", "message"}}`.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -30,15 +32,98 @@ use auth::{Caller, Tenants};
 
 #[derive(Clone)]
 struct AppState {
-    metrics: std::sync::Arc<crate::metrics::ApiMetrics>,
+    metrics: Arc<crate::metrics::ApiMetrics>,
     tenants: Tenants,
-    admission: std::sync::Arc<crate::admission::Admission>,
-    settings: std::sync::Arc<Settings>,
+    admission: Arc<crate::admission::Admission>,
+    settings: Arc<Settings>,
     hub: crate::live::Hub,
-    client: Client,
+    producer: Arc<Producer>,
     pool: PgPool,
-    breaker: std::sync::Arc<crate::breaker::Breaker>,
-    providers: std::sync::Arc<Vec<String>>,
+    breaker: Arc<crate::breaker::Breaker>,
+    providers: Arc<Vec<String>>,
+}
+
+/// How often the API checks its broker connection, and reopens it when lost.
+const BROKER_CHECK_EVERY: Duration = Duration::from_secs(2);
+/// The longest one attempt to reopen the broker connection may take.
+const BROKER_RECONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The producer client of the API. The client reopens its broker channel only when it
+/// next publishes, so after a broker restart an idle API would stay disconnected (and
+/// `/healthz` unhealthy) until some enqueue came along. This holder replaces the client
+/// with a freshly connected one as soon as the connection is seen lost, from a background
+/// check and from `/healthz`.
+struct Producer {
+    client: std::sync::RwLock<Client>,
+    config: ClientConfig,
+    pool: PgPool,
+    /// Held while reconnecting: one attempt at a time.
+    reconnecting: tokio::sync::Mutex<()>,
+}
+
+impl Producer {
+    /// The current client (cheap: a few reference counts).
+    fn client(&self) -> Client {
+        match self.client.read() {
+            Ok(c) => c.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Whether the broker connection is up, after reopening it if it was lost. While
+    /// another caller is reconnecting, says how things stand without waiting.
+    async fn ensure_connected(&self) -> bool {
+        if self.client().is_connected().await {
+            return true;
+        }
+        let Ok(_one_at_a_time) = self.reconnecting.try_lock() else {
+            return false;
+        };
+        if self.client().is_connected().await {
+            return true;
+        }
+        let fresh = tokio::time::timeout(
+            BROKER_RECONNECT_TIMEOUT,
+            Client::connect_with_pool(self.config.clone(), self.pool.clone()),
+        )
+        .await;
+        match fresh {
+            Ok(Ok(client)) => {
+                match self.client.write() {
+                    Ok(mut c) => *c = client,
+                    Err(poisoned) => *poisoned.into_inner() = client,
+                }
+                tracing::info!("broker connection reopened");
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "broker still unreachable; trying again shortly");
+                false
+            }
+            Err(_) => {
+                tracing::debug!("reopening the broker connection timed out; trying again shortly");
+                false
+            }
+        }
+    }
+
+    /// Checks the connection every [`BROKER_CHECK_EVERY`] until `shutdown`.
+    fn watch(self: Arc<Self>, shutdown: CancellationToken) {
+        tokio::spawn(async move {
+            let mut was_up = true;
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return,
+                    () = tokio::time::sleep(BROKER_CHECK_EVERY) => {}
+                }
+                let up = self.ensure_connected().await;
+                if was_up && !up {
+                    tracing::warn!("broker connection lost; reopening it in the background");
+                }
+                was_up = up;
+            }
+        });
+    }
 }
 
 /// A running API server.
@@ -61,7 +146,15 @@ pub async fn start(
     );
     config.queue_prefix.clone_from(&settings.queue_prefix);
     config.limits = settings.limits.clone();
-    let client = Client::connect_with_pool(config, pool.clone()).await?;
+    let client = Client::connect_with_pool(config.clone(), pool.clone()).await?;
+    let producer = Arc::new(Producer {
+        client: std::sync::RwLock::new(client),
+        config,
+        pool: pool.clone(),
+        reconnecting: tokio::sync::Mutex::new(()),
+    });
+    producer.clone().watch(shutdown.clone());
+    let hub = crate::live::Hub::start(settings, shutdown.clone())?;
     let body_limit = settings.limits.max_body_bytes + 64 * 1024;
     let app = Router::new()
         .route("/v1/jobs", post(create_job).get(list_jobs))
@@ -76,13 +169,13 @@ pub async fn start(
         .with_state(AppState {
             metrics: crate::metrics::ApiMetrics::new(),
             tenants: Tenants::new(&settings.api.tenants),
-            admission: std::sync::Arc::new(crate::admission::Admission::new(settings)?),
-            settings: std::sync::Arc::new(settings.clone()),
-            hub: crate::live::Hub::start(settings, shutdown.clone())?,
-            client,
+            admission: Arc::new(crate::admission::Admission::new(settings)?),
+            settings: Arc::new(settings.clone()),
+            hub,
+            producer,
             pool,
-            breaker: std::sync::Arc::new(crate::breaker::Breaker::new(settings)?),
-            providers: std::sync::Arc::new(settings.providers.keys().cloned().collect()),
+            breaker: Arc::new(crate::breaker::Breaker::new(settings)?),
+            providers: Arc::new(settings.providers.keys().cloned().collect()),
         });
     if settings.api.tenants.is_empty() {
         tracing::warn!("no api.tenants configured: the API is open to anyone who can reach it and takes the tenant from each request; configure tenant tokens (`llmq token NAME`) for anything but local use");
@@ -185,7 +278,7 @@ async fn create_job(
         created_at: Utc::now(),
         trace_context: None,
     };
-    let enqueued = state.client.enqueue_envelope(envelope).await?;
+    let enqueued = state.producer.client().enqueue_envelope(envelope).await?;
     state
         .metrics
         .enqueued
@@ -232,9 +325,10 @@ async fn get_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
     let id = parse_id(&id)?;
+    let client = state.producer.client();
     let mut status = match caller.scope() {
-        Some(t) => state.client.status_for_tenant(id, t).await?,
-        None => state.client.status(id).await?,
+        Some(t) => client.status_for_tenant(id, t).await?,
+        None => client.status(id).await?,
     };
     add_eta(&state, &mut status).await;
     Ok(Json(status))
@@ -400,9 +494,10 @@ async fn cancel_job(
     Path(id): Path<String>,
 ) -> Result<Json<JobStatus>, ApiError> {
     let id = parse_id(&id)?;
+    let client = state.producer.client();
     let status = match caller.scope() {
-        Some(t) => state.client.cancel_for_tenant(id, t).await?,
-        None => state.client.cancel(id).await?,
+        Some(t) => client.cancel_for_tenant(id, t).await?,
+        None => client.cancel(id).await?,
     };
     state.hub.poke(id.0);
     Ok(Json(status))
@@ -455,7 +550,8 @@ async fn circuits(
 
 async fn healthz(State(state): State<AppState>) -> Response {
     let db = sqlx::query("SELECT 1").execute(&state.pool).await.is_ok();
-    let broker = state.client.is_connected().await;
+    // A lost connection is reopened here too, not only in the background.
+    let broker = state.producer.ensure_connected().await;
     let body = serde_json::json!({
         "status": if db && broker { "ok" } else { "degraded" },
         "postgres": db,
