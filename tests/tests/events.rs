@@ -267,3 +267,169 @@ async fn shutting_the_api_down_ends_open_streams() {
         .unwrap();
     assert!(n >= 1, "it had sent the queued state first");
 }
+
+fn two_streams(s: &mut llmq_worker::Settings, _: &str) {
+    s.api.max_event_streams = 2;
+}
+
+async fn open_stream(app: &TestApp, id: &str) -> reqwest::Response {
+    reqwest::Client::new()
+        .get(format!("{}/v1/jobs/{id}/events", app.api_url()))
+        .send()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_beyond_the_cap_are_refused_with_503_and_retry_after() {
+    let app = spawn_app_with(AppOptions {
+        api: true,
+        workers: 0,
+        configure: Some(two_streams),
+        ..Default::default()
+    })
+    .await;
+    let id = submit(&app, "nobody will run me", 3).await;
+    let first = open_stream(&app, &id).await;
+    let second = open_stream(&app, &id).await;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = open_stream(&app, &id).await;
+    assert_eq!(third.status(), 503);
+    let retry_after: u64 = third.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry_after >= 1, "{retry_after}");
+    let body: Value = third.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_streams", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("api.max_event_streams"),
+        "{body}"
+    );
+    // Polling still works meanwhile.
+    let status = app.get_json(&format!("/v1/jobs/{id}")).await;
+    assert_eq!(status["state"], "queued");
+
+    // A reader that goes away gives its place back.
+    drop(first);
+    let mut again = None;
+    for _ in 0..100 {
+        let r = open_stream(&app, &id).await;
+        if r.status() == 200 {
+            again = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let again = again.expect("a place came free once the first reader left");
+
+    // Streams that end (the job is cancelled) give theirs back too.
+    let r = reqwest::Client::new()
+        .delete(format!("{}/v1/jobs/{id}", app.api_url()))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for resp in [second, again] {
+        let mut events = resp.bytes_stream().eventsource();
+        let mut last = None;
+        while let Ok(Some(Ok(e))) =
+            tokio::time::timeout(Duration::from_secs(30), events.next()).await
+        {
+            last = Some(e.event);
+        }
+        assert_eq!(
+            last.as_deref(),
+            Some("result"),
+            "the stream ended with the result"
+        );
+    }
+    let mut fresh = None;
+    for _ in 0..50 {
+        let r = open_stream(&app, &id).await;
+        if r.status() == 200 {
+            fresh = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(fresh.is_some(), "places came back when the streams ended");
+}
+
+fn one_events_connection(s: &mut llmq_worker::Settings, _: &str) {
+    s.api.events_db_connections = 1;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn many_watchers_leave_enqueues_their_connections() {
+    let app = spawn_app_with(AppOptions {
+        api: true,
+        workers: 0,
+        configure: Some(one_events_connection),
+        ..Default::default()
+    })
+    .await;
+    // Far more watchers than the streams' pool has connections (1), following jobs that
+    // stay queued.
+    let mut watchers = Vec::new();
+    let mut ids = Vec::new();
+    for i in 0..40 {
+        let id = submit(&app, &format!("watched {i}"), 3).await;
+        let resp = open_stream(&app, &id).await;
+        assert_eq!(resp.status(), 200);
+        watchers.push(resp.bytes_stream().eventsource());
+        ids.push(id);
+    }
+    // Every watcher got its first event: they are all being served.
+    for w in &mut watchers {
+        let e = tokio::time::timeout(Duration::from_secs(30), w.next())
+            .await
+            .expect("an event in time")
+            .unwrap()
+            .unwrap();
+        assert_eq!(e.event, "state");
+    }
+    // Enqueues and status reads keep working beside them.
+    let http = reqwest::Client::new();
+    let mut posts = Vec::new();
+    for i in 0..30 {
+        let http = http.clone();
+        let url = format!("{}/v1/jobs", app.api_url());
+        posts.push(tokio::spawn(async move {
+            http.post(url)
+                .json(&json!({"model": "gpt-4o-mini", "max_tokens": 8,
+                              "messages": [{"role": "user", "content": format!("beside the watchers {i}")}]}))
+                .send()
+                .await
+                .unwrap()
+                .status()
+        }));
+    }
+    for p in posts {
+        assert_eq!(p.await.unwrap(), 202);
+    }
+    let status = app.get_json(&format!("/v1/jobs/{}", ids[0])).await;
+    assert_eq!(status["state"], "queued");
+    // And the watchers still hear about their jobs: cancel one, its stream ends with the
+    // result.
+    let r = http
+        .delete(format!("{}/v1/jobs/{}", app.api_url(), ids[7]))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let w = &mut watchers[7];
+    let mut rest = Vec::new();
+    while let Ok(Some(Ok(e))) = tokio::time::timeout(Duration::from_secs(30), w.next()).await {
+        rest.push(e);
+    }
+    assert_eq!(states(&rest), ["cancelled"]);
+    assert_eq!(rest.last().unwrap().event, "result");
+}

@@ -11,10 +11,19 @@
 //! - `result` (no id): the job's full status once it is terminal; the stream then ends.
 //!
 //! A client that reconnects with `Last-Event-ID` (or `?last_event_id=`) gets exactly what
-//! came after that event. The stream wakes on the worker's notices (see
-//! [`crate::live`]) and re-checks every second in any case.
+//! came after that event.
+//!
+//! Streams are a bounded resource: at most `api.max_event_streams` are open at once (one
+//! more is `503 too_many_streams` with a `Retry-After`), and they read PostgreSQL through
+//! a small pool of their own (`api.events_db_connections`), never the one enqueues use. A
+//! stream reads only when woken: by the worker's notices (see [`crate::live`]), or by the
+//! one shared poller ([`Streams`]), which checks every watched job's last transition (and
+//! the head of the queue, for places in line) each second in a single query; a stream
+//! also re-reads on its own every [`RECHECK_EVERY`] in case a wake-up was lost.
 
+use std::collections::HashMap;
 use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
@@ -24,9 +33,156 @@ use chrono::{DateTime, Utc};
 use futures_util::Stream;
 use llmq_producer_sdk::{JobId, JobState};
 use serde::Deserialize;
-use tokio::sync::{broadcast, mpsc};
+use sqlx::PgPool;
+use tokio::sync::{broadcast, mpsc, OwnedSemaphorePermit, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use super::{ApiError, AppState};
+
+/// What a refused stream is told to wait, in seconds (`Retry-After`).
+pub(crate) const RETRY_AFTER_SECS: u16 = 5;
+/// How often the shared poller looks at every watched job.
+const POLL_EVERY: Duration = Duration::from_secs(1);
+/// How often a stream re-reads on its own, whatever it was told.
+const RECHECK_EVERY: Duration = Duration::from_secs(5);
+
+/// The open event streams: their cap, their database pool and the jobs they watch.
+pub(crate) struct Streams {
+    permits: Arc<Semaphore>,
+    max: u32,
+    /// The streams' own pool.
+    pool: PgPool,
+    /// Watched job → followers, and the last transition and head of the queue seen.
+    watched: Mutex<HashMap<uuid::Uuid, Watched>>,
+}
+
+#[derive(Default)]
+struct Watched {
+    followers: usize,
+    /// (last transition's seq, whether it is `queued`), once polled.
+    last: Option<(i64, bool)>,
+}
+
+/// A stream's place among the open ones; gives it back when dropped.
+pub(crate) struct Slot {
+    streams: Arc<Streams>,
+    job: uuid::Uuid,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        if let Ok(mut w) = self.streams.watched.lock() {
+            if let Some(entry) = w.get_mut(&self.job) {
+                entry.followers = entry.followers.saturating_sub(1);
+                if entry.followers == 0 {
+                    w.remove(&self.job);
+                }
+            }
+        }
+    }
+}
+
+impl Streams {
+    /// Up to `max` streams reading through `pool`; the shared poller wakes them through
+    /// `hub` until `shutdown`.
+    pub(crate) fn start(
+        max: u32,
+        pool: PgPool,
+        hub: crate::live::Hub,
+        shutdown: CancellationToken,
+    ) -> Arc<Self> {
+        let streams = Arc::new(Self {
+            permits: Arc::new(Semaphore::new(usize::try_from(max).unwrap_or(usize::MAX))),
+            max,
+            pool,
+            watched: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(poll(streams.clone(), hub, shutdown));
+        streams
+    }
+
+    /// A place for one more stream following `job`, if the cap allows.
+    fn open(self: &Arc<Self>, job: uuid::Uuid) -> Result<Slot, ApiError> {
+        let permit = self
+            .permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| ApiError::TooManyStreams(self.max))?;
+        if let Ok(mut w) = self.watched.lock() {
+            w.entry(job).or_default().followers += 1;
+        }
+        Ok(Slot {
+            streams: self.clone(),
+            job,
+            _permit: permit,
+        })
+    }
+}
+
+/// The shared poller: one query a second for every watched job's last transition (and
+/// one for the head of the queue when a watched job is queued); wakes the followers of
+/// each job where either moved.
+async fn poll(streams: Arc<Streams>, hub: crate::live::Hub, shutdown: CancellationToken) {
+    let mut head: Option<i64> = None;
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(POLL_EVERY) => {}
+        }
+        let (ids, any_queued): (Vec<uuid::Uuid>, bool) = match streams.watched.lock() {
+            Ok(w) => (
+                w.keys().copied().collect(),
+                w.values().any(|v| v.last.is_none_or(|(_, queued)| queued)),
+            ),
+            Err(_) => continue,
+        };
+        if ids.is_empty() {
+            continue;
+        }
+        let last: Vec<(uuid::Uuid, i64, String)> = match sqlx::query_as(
+            "SELECT DISTINCT ON (job_id) job_id, seq, state FROM job_transitions
+             WHERE job_id = ANY($1) ORDER BY job_id, seq DESC",
+        )
+        .bind(&ids)
+        .fetch_all(&streams.pool)
+        .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::debug!(error = %e, "event streams' poll failed; trying again");
+                continue;
+            }
+        };
+        let mut head_moved = false;
+        if any_queued {
+            let now: Option<i64> = sqlx::query_scalar(
+                "SELECT min(queue_seq) FROM jobs WHERE state = 'queued' AND published_at IS NOT NULL",
+            )
+            .fetch_one(&streams.pool)
+            .await
+            .unwrap_or(head);
+            head_moved = now != head;
+            head = now;
+        }
+        let mut wake = Vec::new();
+        if let Ok(mut w) = streams.watched.lock() {
+            for (job, seq, state) in last {
+                let Some(entry) = w.get_mut(&job) else {
+                    continue;
+                };
+                let now = (seq, state == "queued");
+                if entry.last != Some(now) || (now.1 && head_moved) {
+                    entry.last = Some(now);
+                    wake.push(job);
+                }
+            }
+        }
+        for job in wake {
+            hub.poke(job);
+        }
+    }
+}
 
 /// Where a follower stands: the last transition sent, and within a `running` one, how
 /// much of its text.
@@ -70,7 +226,9 @@ pub(crate) async fn job_events(
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
     let id = super::parse_id(&id)?;
-    super::visible(&state, &caller, id).await?;
+    // The cap first: refusing costs nothing, not even a database read.
+    let slot = state.streams.open(id.0)?;
+    super::visible(&state.streams.pool, &caller, id).await?;
     let cursor = headers
         .get("last-event-id")
         .and_then(|v| v.to_str().ok())
@@ -81,6 +239,7 @@ pub(crate) async fn job_events(
     let (tx, rx) = mpsc::channel::<Event>(64);
     let wake = state.hub.subscribe();
     tokio::spawn(async move {
+        let _slot = slot;
         state.metrics.streams.inc();
         if let Err(e) = follow(&state, id, cursor, wake, &tx).await {
             tracing::debug!(job = %id, error = %e, "event stream ended early");
@@ -119,13 +278,14 @@ async fn follow(
     let mut text: Option<(i64, u32)> = None;
     let mut first = true;
     let mut last_place = None;
+    let pool = &state.streams.pool;
     loop {
         let rows: Vec<Row> = sqlx::query_as(
             "SELECT seq, state, at, attempt, detail FROM job_transitions
              WHERE job_id = $1 ORDER BY seq",
         )
         .bind(id.0)
-        .fetch_all(&state.pool)
+        .fetch_all(pool)
         .await?;
         if first {
             first = false;
@@ -180,8 +340,8 @@ async fn follow(
             relay_text(state, id, seq, attempt, &mut cursor, tx).await?;
         }
         if rows.last().is_some_and(|r| r.state == "queued") {
-            if let Ok(mut status) = state.producer.client().status(id).await {
-                super::add_eta(state, &mut status).await;
+            if let Ok(Some(mut status)) = llmq_producer_sdk::fetch_status(pool, id, None).await {
+                super::add_eta(state, pool, &mut status).await;
                 let now = (
                     status.position,
                     status.expected_start_at.map(|t| t.timestamp()),
@@ -201,19 +361,18 @@ async fn follow(
             }
         }
         if terminal {
-            if let Ok(status) = state.producer.client().status(id).await {
+            if let Ok(Some(status)) = llmq_producer_sdk::fetch_status(pool, id, None).await {
                 let data = serde_json::to_string(&status).unwrap_or_default();
                 send(tx, Event::default().event("result").data(data)).await?;
             }
             return Ok(());
         }
         tokio::select! {
-            () = wait_for(&mut wake, id.0, Duration::from_secs(1)) => {}
+            () = wait_for(&mut wake, id.0, RECHECK_EVERY) => {}
+            // The reader went away: give its place back now.
+            () = tx.closed() => return Err(Ended::Gone),
             // Shutting down: end the stream; the client resumes with Last-Event-ID.
             () = state.hub.shutdown.cancelled() => return Ok(()),
-        }
-        if tx.is_closed() {
-            return Err(Ended::Gone);
         }
     }
 }

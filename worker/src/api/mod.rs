@@ -18,6 +18,7 @@ use llmq_producer_sdk::{
 };
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
+use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -41,6 +42,7 @@ struct AppState {
     pool: PgPool,
     breaker: Arc<crate::breaker::Breaker>,
     providers: Arc<Vec<String>>,
+    streams: Arc<events::Streams>,
 }
 
 /// How often the API checks its broker connection, and reopens it when lost.
@@ -140,6 +142,12 @@ pub async fn start(
     pool: PgPool,
     shutdown: CancellationToken,
 ) -> anyhow::Result<ApiHandle> {
+    if settings.api.max_event_streams == 0 {
+        anyhow::bail!("configuration error: `api.max_event_streams` must be at least 1 (set it in the config file or as LLMQ_API__MAX_EVENT_STREAMS)");
+    }
+    if settings.api.events_db_connections == 0 {
+        anyhow::bail!("configuration error: `api.events_db_connections` must be at least 1 (set it in the config file or as LLMQ_API__EVENTS_DB_CONNECTIONS)");
+    }
     let mut config = ClientConfig::new(
         settings.amqp_url.expose_secret(),
         settings.database_url.expose_secret(),
@@ -154,7 +162,20 @@ pub async fn start(
         reconnecting: tokio::sync::Mutex::new(()),
     });
     producer.clone().watch(shutdown.clone());
+    // The event streams read through a pool of their own, so watchers never hold the
+    // connections enqueues need.
+    let events_pool = PgPoolOptions::new()
+        .max_connections(settings.api.events_db_connections)
+        .acquire_timeout(Duration::from_secs(10))
+        .connect_lazy(settings.database_url.expose_secret())
+        .map_err(|e| anyhow::anyhow!("database_url is not usable: {e}"))?;
     let hub = crate::live::Hub::start(settings, shutdown.clone())?;
+    let streams = events::Streams::start(
+        settings.api.max_event_streams,
+        events_pool.clone(),
+        hub.clone(),
+        shutdown.clone(),
+    );
     let body_limit = settings.limits.max_body_bytes + 64 * 1024;
     let app = Router::new()
         .route("/v1/jobs", post(create_job).get(list_jobs))
@@ -176,6 +197,7 @@ pub async fn start(
             pool,
             breaker: Arc::new(crate::breaker::Breaker::new(settings)?),
             providers: Arc::new(settings.providers.keys().cloned().collect()),
+            streams,
         });
     if settings.api.tenants.is_empty() {
         tracing::warn!("no api.tenants configured: the API is open to anyone who can reach it and takes the tenant from each request; configure tenant tokens (`llmq token NAME`) for anything but local use");
@@ -186,9 +208,11 @@ pub async fn start(
     let addr = listener.local_addr()?;
     tracing::info!(%addr, "API listening");
     let join = tokio::spawn(async move {
-        axum::serve(listener, app)
+        let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.cancelled().await })
-            .await
+            .await;
+        events_pool.close().await;
+        served
     });
     Ok(ApiHandle { addr, join })
 }
@@ -306,10 +330,10 @@ fn parse_id(id: &str) -> Result<JobId, ApiError> {
 }
 
 /// `NotFound` unless the job exists and `caller` may see it.
-async fn visible(state: &AppState, caller: &Caller, id: JobId) -> Result<(), ApiError> {
+async fn visible(pool: &PgPool, caller: &Caller, id: JobId) -> Result<(), ApiError> {
     let tenant: Option<String> = sqlx::query_scalar("SELECT tenant FROM jobs WHERE id = $1")
         .bind(id.0)
-        .fetch_optional(&state.pool)
+        .fetch_optional(pool)
         .await
         .map_err(|e| ApiError::Unavailable(format!("database: {e}; try again")))?;
     match (tenant, caller.scope()) {
@@ -330,15 +354,15 @@ async fn get_job(
         Some(t) => client.status_for_tenant(id, t).await?,
         None => client.status(id).await?,
     };
-    add_eta(&state, &mut status).await;
+    add_eta(&state, &state.pool, &mut status).await;
     Ok(Json(status))
 }
 
 /// While queued: the expected start, from the place in line and the route's budget. The
 /// shared bucket says when a job of this one's demand could start if the `position - 1`
 /// jobs ahead (taken to ask as much as this one) went first; jobs already admitted are
-/// in the bucket. No limit on the route: no estimate.
-async fn add_eta(state: &AppState, status: &mut JobStatus) {
+/// in the bucket. No limit on the route: no estimate. Reads the job through `pool`.
+async fn add_eta(state: &AppState, pool: &PgPool, status: &mut JobStatus) {
     let (Some(position), llmq_producer_sdk::JobState::Queued) = (status.position, status.state)
     else {
         return;
@@ -346,7 +370,7 @@ async fn add_eta(state: &AppState, status: &mut JobStatus) {
     let envelope: Option<sqlx::types::Json<JobEnvelope>> =
         sqlx::query_scalar("SELECT envelope FROM jobs WHERE id = $1")
             .bind(status.id.0)
-            .fetch_optional(&state.pool)
+            .fetch_optional(pool)
             .await
             .ok()
             .flatten();
@@ -575,6 +599,8 @@ enum ApiError {
     Forbidden(String),
     Conflict(&'static str, String),
     Unavailable(String),
+    /// As many event streams are open as `api.max_event_streams` allows.
+    TooManyStreams(u32),
 }
 
 impl From<JsonRejection> for ApiError {
@@ -646,6 +672,21 @@ impl IntoResponse for ApiError {
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "wrong_tenant", m),
             ApiError::Conflict(code, m) => (StatusCode::CONFLICT, code, m),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
+            ApiError::TooManyStreams(max) => {
+                let mut r = (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Json(serde_json::json!({ "error": {
+                        "code": "too_many_streams",
+                        "message": format!("{max} event streams are open, as many as this API serves at once (api.max_event_streams): try again in {} s, or poll GET /v1/jobs/{{id}} meanwhile", events::RETRY_AFTER_SECS),
+                    } })),
+                )
+                    .into_response();
+                r.headers_mut().insert(
+                    axum::http::header::RETRY_AFTER,
+                    axum::http::HeaderValue::from(events::RETRY_AFTER_SECS),
+                );
+                return r;
+            }
         };
         (
             status,
