@@ -26,7 +26,7 @@ use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
+use axum::extract::{Query, State};
 use axum::http::HeaderMap;
 use axum::response::sse::{Event, KeepAlive, Sse};
 use chrono::{DateTime, Utc};
@@ -221,11 +221,11 @@ struct Row {
 pub(crate) async fn job_events(
     State(state): State<AppState>,
     caller: super::Caller,
-    Path(id): Path<String>,
-    Query(q): Query<EventsQuery>,
+    super::JobIdPath(id): super::JobIdPath,
+    query: Result<Query<EventsQuery>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Sse<impl Stream<Item = Result<Event, Infallible>>>, ApiError> {
-    let id = super::parse_id(&id)?;
+    let Query(q) = query.map_err(|e| ApiError::BadRequest("bad_query", e.body_text()))?;
     // The cap first: refusing costs nothing, not even a database read.
     let slot = state.streams.open(id.0)?;
     super::visible(&state.streams.pool, &caller, id).await?;

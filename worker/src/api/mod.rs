@@ -1,12 +1,13 @@
 //! The HTTP API: enqueue a job, read its status, health. Errors are mapped to responses in
-//! one place (`ApiError`), as JSON `{"error": {"code", "message"}}`.
+//! one place (`ApiError`), as JSON `{"error": {"code", "message"}}`; what it answers is
+//! described in `openapi.json`, served as this server applies it (see `openapi.rs`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, FromRequestParts, Path, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -17,7 +18,7 @@ use llmq_producer_sdk::{
     ValidationError, DEFAULT_MAX_ATTEMPTS, PROTOCOL_VERSION,
 };
 use secrecy::ExposeSecret;
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
 use sqlx::postgres::PgPoolOptions;
 use sqlx::PgPool;
 use tokio::task::JoinHandle;
@@ -27,9 +28,11 @@ use crate::settings::Settings;
 
 mod auth;
 mod events;
+mod openapi;
 
 pub use auth::{new_token, token_hash};
 use auth::{Caller, Tenants};
+pub use openapi::SOURCE as OPENAPI;
 
 #[derive(Clone)]
 struct AppState {
@@ -43,6 +46,7 @@ struct AppState {
     breaker: Arc<crate::breaker::Breaker>,
     providers: Arc<Vec<String>>,
     streams: Arc<events::Streams>,
+    openapi: bytes::Bytes,
 }
 
 /// How often the API checks its broker connection, and reopens it when lost.
@@ -198,6 +202,7 @@ pub async fn start(
             breaker: Arc::new(crate::breaker::Breaker::new(settings)?),
             providers: Arc::new(settings.providers.keys().cloned().collect()),
             streams,
+            openapi: openapi::document(settings)?.into(),
         });
     if settings.api.tenants.is_empty() {
         tracing::warn!("no api.tenants configured: the API is open to anyone who can reach it and takes the tenant from each request; configure tenant tokens (`llmq token NAME`) for anything but local use");
@@ -218,11 +223,12 @@ pub async fn start(
 }
 
 /// `POST /v1/jobs` body. Unknown fields are refused so typos do not pass silently; other
-/// OpenAI parameters go in `params`.
+/// OpenAI parameters go in `params`. Integers may be written with a zero fraction (`8.0`):
+/// JSON Schema counts those as integers, so clients generated from the document may.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateJob {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "opt_whole")]
     version: Option<u32>,
     #[serde(default)]
     tenant: Option<String>,
@@ -232,7 +238,7 @@ struct CreateJob {
     #[serde(default)]
     fallbacks: Vec<Route>,
     messages: Vec<ChatMessage>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "opt_whole")]
     max_tokens: Option<u32>,
     #[serde(default)]
     temperature: Option<f32>,
@@ -244,14 +250,76 @@ struct CreateJob {
     params: serde_json::Map<String, serde_json::Value>,
     #[serde(default)]
     idempotency_key: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole")]
     priority: u8,
     #[serde(default)]
     deadline: Option<DateTime<Utc>>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "opt_whole")]
     max_attempts: Option<u32>,
     #[serde(default)]
     metadata: serde_json::Map<String, serde_json::Value>,
+}
+
+/// An integer written as `12` or `12.0`.
+fn whole<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    use serde::de::Error;
+    let n = serde_json::Number::deserialize(d)?;
+    let v = match (n.as_u64(), n.as_f64()) {
+        (Some(v), _) => v,
+        (None, Some(f)) if f.fract() == 0.0 && (0.0..=u64::MAX as f64).contains(&f) => f as u64,
+        _ => return Err(D::Error::custom(format!("{n} is not a whole number >= 0"))),
+    };
+    T::try_from(v).map_err(|_| D::Error::custom(format!("{n} is too large")))
+}
+
+/// [`whole`], or `null`.
+fn opt_whole<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: TryFrom<u64>,
+{
+    #[derive(Deserialize)]
+    #[serde(transparent)]
+    struct Whole<T: TryFrom<u64>>(#[serde(deserialize_with = "whole")] T);
+    Ok(Option::<Whole<T>>::deserialize(d)?.map(|w| w.0))
+}
+
+/// The largest number a job may carry: PostgreSQL keeps JSON numbers as exact decimals
+/// and writes them back in full, and the last few `f64`s below `f64::MAX` written so do
+/// not parse again, which would leave the job's status unreadable.
+const MAX_NUMBER: f64 = 1e308;
+
+/// Refuses a job PostgreSQL could not store, or not give back intact: U+0000 anywhere in
+/// its text, or a number beyond ±[`MAX_NUMBER`].
+fn storable(v: &serde_json::Value) -> Result<(), ApiError> {
+    use serde_json::Value;
+    let nul = || {
+        ApiError::Unprocessable(
+            "nul_character",
+            "the job holds the character U+0000 (in a message, a name, metadata, params or a key), which cannot be stored: remove it".into(),
+        )
+    };
+    match v {
+        Value::String(s) if s.contains('\0') => Err(nul()),
+        Value::Number(n) if n.as_f64().is_some_and(|f| f.abs() > MAX_NUMBER) => {
+            Err(ApiError::Unprocessable(
+                "number_out_of_range",
+                format!("the number {n} (in metadata or params) is beyond ±1e308, which cannot be stored and read back: send it as a string"),
+            ))
+        }
+        Value::Array(a) => a.iter().try_for_each(storable),
+        Value::Object(o) => o.iter().try_for_each(|(k, v)| {
+            if k.contains('\0') {
+                return Err(nul());
+            }
+            storable(v)
+        }),
+        _ => Ok(()),
+    }
 }
 
 #[derive(Serialize)]
@@ -302,6 +370,9 @@ async fn create_job(
         created_at: Utc::now(),
         trace_context: None,
     };
+    if let Ok(v) = serde_json::to_value(&envelope) {
+        storable(&v)?;
+    }
     let enqueued = state.producer.client().enqueue_envelope(envelope).await?;
     state
         .metrics
@@ -324,9 +395,31 @@ async fn create_job(
     ))
 }
 
+/// A job id: a UUID in its hyphenated form (what `format: uuid` means), nothing looser.
 fn parse_id(id: &str) -> Result<JobId, ApiError> {
-    id.parse()
-        .map_err(|_| ApiError::BadRequest("bad_job_id", format!("`{id}` is not a job id (a UUID)")))
+    let bad = || ApiError::BadRequest("bad_job_id", format!("`{id}` is not a job id (a UUID)"));
+    if id.len() != 36 {
+        return Err(bad());
+    }
+    id.parse().map_err(|_| bad())
+}
+
+/// The `{id}` of a `/v1/jobs/{id}…` path; a malformed one is `400 bad_job_id` (as JSON,
+/// like every other error).
+struct JobIdPath(JobId);
+
+impl FromRequestParts<AppState> for JobIdPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(
+        parts: &mut axum::http::request::Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
+        let Path(raw) = Path::<String>::from_request_parts(parts, state)
+            .await
+            .map_err(|e| ApiError::BadRequest("bad_job_id", e.body_text()))?;
+        parse_id(&raw).map(Self)
+    }
 }
 
 /// `NotFound` unless the job exists and `caller` may see it.
@@ -346,9 +439,8 @@ async fn visible(pool: &PgPool, caller: &Caller, id: JobId) -> Result<(), ApiErr
 async fn get_job(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    JobIdPath(id): JobIdPath,
 ) -> Result<Json<JobStatus>, ApiError> {
-    let id = parse_id(&id)?;
     let client = state.producer.client();
     let mut status = match caller.scope() {
         Some(t) => client.status_for_tenant(id, t).await?,
@@ -408,10 +500,10 @@ async fn add_eta(state: &AppState, pool: &PgPool, status: &mut JobStatus) {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct ListQuery {
-    /// Open mode only: whose jobs.
+    /// Whose jobs (with a token: only the token's tenant).
     #[serde(default)]
     tenant: Option<String>,
-    /// Comma-separated states.
+    /// Comma-separated states, no spaces.
     #[serde(default)]
     state: Option<String>,
     #[serde(default)]
@@ -456,6 +548,22 @@ async fn list_jobs(
             format!("{}; filters are state, model, cursor, limit", e.body_text()),
         )
     })?;
+    if let Some(asked) = q
+        .tenant
+        .as_deref()
+        .filter(|t| !llmq_producer_sdk::valid_tenant(t))
+    {
+        return Err(ApiError::BadRequest(
+            "bad_tenant",
+            format!("`{asked}` is not a tenant name: 1-64 letters, digits, `_` or `-`"),
+        ));
+    }
+    if q.model.as_deref().is_some_and(|m| m.contains('\0')) {
+        return Err(ApiError::BadRequest(
+            "bad_model",
+            "`model` holds the character U+0000; no model is named so".into(),
+        ));
+    }
     let tenant = match (&caller, q.tenant) {
         (Caller::Tenant(t), Some(asked)) if &asked != t => {
             return Err(ApiError::Forbidden(format!(
@@ -468,12 +576,13 @@ async fn list_jobs(
     let states: Option<Vec<String>> = match q.state {
         None => None,
         Some(list) => {
+            // Exactly `state(,state)*`, as the document's pattern says.
             let mut out = Vec::new();
-            for s in list.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            for s in list.split(',') {
                 let parsed: llmq_producer_sdk::JobState = s.parse().map_err(|_| {
                     ApiError::BadRequest(
                         "bad_state",
-                        format!("`{s}` is not a state (queued, waiting_budget, running, retrying, succeeded, failed, cancelled, expired)"),
+                        format!("`{s}` is not a state: give one or more of queued, waiting_budget, running, retrying, succeeded, failed, cancelled, expired, separated by commas without spaces"),
                     )
                 })?;
                 out.push(parsed.to_string());
@@ -482,7 +591,15 @@ async fn list_jobs(
         }
     };
     let cursor = q.cursor.as_deref().map(parse_id).transpose()?;
-    let limit = i64::from(q.limit.unwrap_or(50).clamp(1, 500));
+    let limit = match q.limit.unwrap_or(50) {
+        l @ 1..=500 => i64::from(l),
+        l => {
+            return Err(ApiError::BadRequest(
+                "bad_limit",
+                format!("limit {l} is outside 1..=500: page with `cursor` for more"),
+            ))
+        }
+    };
     let mut jobs: Vec<JobSummary> = sqlx::query_as(
         "SELECT id, tenant, state, model, attempts, error_class, created_at, updated_at, finished_at
          FROM jobs
@@ -515,9 +632,8 @@ async fn list_jobs(
 async fn cancel_job(
     State(state): State<AppState>,
     caller: Caller,
-    Path(id): Path<String>,
+    JobIdPath(id): JobIdPath,
 ) -> Result<Json<JobStatus>, ApiError> {
-    let id = parse_id(&id)?;
     let client = state.producer.client();
     let status = match caller.scope() {
         Some(t) => client.cancel_for_tenant(id, t).await?,
@@ -533,14 +649,12 @@ async fn metrics(State(state): State<AppState>) -> Response {
     crate::metrics::response(state.metrics.render())
 }
 
-/// The OpenAPI 3.1 document of this API (kept beside the code; a test checks that it
-/// names every route and every field of the job status).
-pub const OPENAPI: &str = include_str!("openapi.json");
-
-async fn openapi() -> Response {
+/// The OpenAPI 3.1 document as this server applies it (see `openapi.rs`; tests check that
+/// it names every route and field, and schemathesis that the API keeps to it).
+async fn openapi(State(state): State<AppState>) -> Response {
     (
         [(axum::http::header::CONTENT_TYPE, "application/json")],
-        OPENAPI,
+        state.openapi.clone(),
     )
         .into_response()
 }
@@ -598,6 +712,8 @@ enum ApiError {
     Unauthorized(&'static str),
     Forbidden(String),
     Conflict(&'static str, String),
+    /// A job the API refuses for a reason the SDK's validation does not know.
+    Unprocessable(&'static str, String),
     Unavailable(String),
     /// As many event streams are open as `api.max_event_streams` allows.
     TooManyStreams(u32),
@@ -671,6 +787,7 @@ impl IntoResponse for ApiError {
             }
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "wrong_tenant", m),
             ApiError::Conflict(code, m) => (StatusCode::CONFLICT, code, m),
+            ApiError::Unprocessable(code, m) => (StatusCode::UNPROCESSABLE_ENTITY, code, m),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             ApiError::TooManyStreams(max) => {
                 let mut r = (
