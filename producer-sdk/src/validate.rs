@@ -144,17 +144,38 @@ pub const MAX_FALLBACKS: usize = 8;
 /// duplicate would make the message undecodable), or they would change what the call
 /// costs behind the budget's back, or the worker sets them itself.
 const RESERVED_PARAMS: &[(&str, &str)] = &[
-    ("messages", "set request.messages (the top-level `messages`)"),
-    ("max_tokens", "set max_tokens at the top level, not in params"),
-    ("temperature", "set temperature at the top level, not in params"),
+    (
+        "messages",
+        "set request.messages (the top-level `messages`)",
+    ),
+    (
+        "max_tokens",
+        "set max_tokens at the top level, not in params",
+    ),
+    (
+        "temperature",
+        "set temperature at the top level, not in params",
+    ),
     ("top_p", "set top_p at the top level, not in params"),
     ("stop", "set stop at the top level, not in params"),
     ("model", "set model (and fallbacks) at the top level"),
-    ("max_completion_tokens", "use max_tokens: budgets are reserved from it"),
-    ("n", "one completion per job: enqueue one job per completion wanted"),
-    ("best_of", "one completion per job: enqueue one job per completion wanted"),
+    (
+        "max_completion_tokens",
+        "use max_tokens: budgets are reserved from it",
+    ),
+    (
+        "n",
+        "one completion per job: enqueue one job per completion wanted",
+    ),
+    (
+        "best_of",
+        "one completion per job: enqueue one job per completion wanted",
+    ),
     ("stream", "the worker decides how to read the answer"),
-    ("stream_options", "the worker decides how to read the answer"),
+    (
+        "stream_options",
+        "the worker decides how to read the answer",
+    ),
 ];
 
 /// A tenant name: 1-64 ASCII letters, digits, `_` or `-` (it is a routing-key word on the
@@ -214,7 +235,8 @@ pub fn validate(job: &JobEnvelope, limits: &Limits) -> Result<(), ValidationErro
     if !valid_tenant(&job.tenant) {
         return Err(ValidationError::BadTenant(job.tenant.clone()));
     }
-    if job.route.model.trim().is_empty() || job.fallbacks.iter().any(|r| r.model.trim().is_empty()) {
+    if job.route.model.trim().is_empty() || job.fallbacks.iter().any(|r| r.model.trim().is_empty())
+    {
         return Err(ValidationError::EmptyModel);
     }
     if job.fallbacks.len() > MAX_FALLBACKS {
@@ -302,7 +324,13 @@ mod tests {
 
     #[test]
     fn params_may_not_repeat_or_bypass_what_the_envelope_owns() {
-        for field in ["max_tokens", "messages", "n", "max_completion_tokens", "stream"] {
+        for field in [
+            "max_tokens",
+            "messages",
+            "n",
+            "max_completion_tokens",
+            "stream",
+        ] {
             let mut j = job();
             j.request.extra.insert(field.into(), serde_json::json!(8));
             let err = validate(&j, &Limits::default()).unwrap_err();

@@ -39,7 +39,10 @@ async fn opens_on_failure_rate_probes_and_closes() {
     b.record("p", Signal::Failure).await;
     let s = b.state("p").await;
     assert_eq!(s.state, "open", "3 of 4 calls failed");
-    assert!(b.check("p").await.open_for().is_some(), "no calls while open");
+    assert!(
+        b.check("p").await.open_for().is_some(),
+        "no calls while open"
+    );
 
     tokio::time::sleep(Duration::from_millis(1_100)).await;
     let probe1 = b.check("p").await;

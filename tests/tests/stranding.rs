@@ -76,8 +76,7 @@ async fn a_taken_over_job_sent_back_for_budget_still_runs() {
     let client = app.client().await;
     let id = client
         .enqueue(
-            NewJob::new("acme", "gpt-4o-mini", vec![ChatMessage::user("taken over")])
-                .max_tokens(8),
+            NewJob::new("acme", "gpt-4o-mini", vec![ChatMessage::user("taken over")]).max_tokens(8),
         )
         .await
         .unwrap();
@@ -132,7 +131,9 @@ async fn a_stale_holder_records_and_publishes_nothing_after_a_takeover() {
         detail: None,
     };
     assert!(
-        !store::record(&app.pool, id, &t(1, Some(&late))).await.unwrap(),
+        !store::record(&app.pool, id, &t(1, Some(&late)))
+            .await
+            .unwrap(),
         "attempt 1 is fenced off once attempt 2 owns the job"
     );
     assert!(store::record(&app.pool, id, &t(2, None)).await.unwrap());
@@ -251,7 +252,10 @@ async fn a_live_job_whose_message_was_lost_is_republished_or_failed() {
     )
     .await
     .unwrap();
-    assert_eq!(store::claim(&app.pool, ids[1], false).await.unwrap(), Some(1));
+    assert_eq!(
+        store::claim(&app.pool, ids[1], false).await.unwrap(),
+        Some(1)
+    );
     sqlx::query("UPDATE jobs SET repairs = $2 WHERE id = $1")
         .bind(ids[2].0)
         .bind(store::MAX_REPAIRS)
@@ -352,8 +356,12 @@ async fn a_panicking_job_task_hands_its_delivery_back_and_the_replica_keeps_cons
         ids.push(
             client
                 .enqueue(
-                    NewJob::new("acme", "gpt-4o-mini", vec![ChatMessage::user(format!("boom {i}"))])
-                        .max_tokens(8),
+                    NewJob::new(
+                        "acme",
+                        "gpt-4o-mini",
+                        vec![ChatMessage::user(format!("boom {i}"))],
+                    )
+                    .max_tokens(8),
                 )
                 .await
                 .unwrap(),
@@ -363,8 +371,12 @@ async fn a_panicking_job_task_hands_its_delivery_back_and_the_replica_keeps_cons
         ids.push(
             client
                 .enqueue(
-                    NewJob::new("acme", "gpt-4o-mini", vec![ChatMessage::user(format!("fine {i}"))])
-                        .max_tokens(8),
+                    NewJob::new(
+                        "acme",
+                        "gpt-4o-mini",
+                        vec![ChatMessage::user(format!("fine {i}"))],
+                    )
+                    .max_tokens(8),
                 )
                 .await
                 .unwrap(),

@@ -671,17 +671,7 @@ impl Worker {
                 "x-llmq-attempt",
                 AMQPValue::LongUInt(attempt),
             ));
-            match self
-                .publisher
-                .retry_later(&delivery.data, props, tier)
-                .await
-            {
-                Ok(()) => ack(&delivery).await,
-                Err(e) => {
-                    warn!(error = %e, "could not park the retry; requeueing the message instead");
-                    nack(&delivery, true).await;
-                }
-            }
+            self.park(&delivery, props, tier).await;
             self.emit(
                 env,
                 JobState::Retrying,
@@ -722,19 +712,25 @@ impl Worker {
             Some(true) => {}
         }
         self.emit_progress(env, JobState::Retrying, 0);
+        self.park(&delivery, cursor.stamp(delivery.properties.clone()), tier)
+            .await;
+        Processed::Deferred
+    }
+
+    /// Moves the message to the delay queue of `tier` and acks it; if the broker will not
+    /// take the copy, the message is requeued instead (it comes back at once, not lost).
+    async fn park(&self, delivery: &Delivery, props: lapin::BasicProperties, tier: u64) {
         match self
             .publisher
-            .retry_later(
-                &delivery.data,
-                cursor.stamp(delivery.properties.clone()),
-                tier,
-            )
+            .retry_later(&delivery.data, props, tier)
             .await
         {
-            Ok(()) => ack(&delivery).await,
-            Err(_) => nack(&delivery, true).await,
+            Ok(()) => ack(delivery).await,
+            Err(e) => {
+                warn!(error = %e, "could not park the message in a delay queue; requeueing it instead");
+                nack(delivery, true).await;
+            }
         }
-        Processed::Deferred
     }
 
     /// Parks a job whose only remaining route has an open circuit, spending no attempt.
@@ -778,18 +774,8 @@ impl Worker {
             Some(true) => {}
         }
         self.emit_progress(env, JobState::Retrying, 0);
-        match self
-            .publisher
-            .retry_later(
-                &delivery.data,
-                cursor.stamp(delivery.properties.clone()),
-                tier,
-            )
-            .await
-        {
-            Ok(()) => ack(&delivery).await,
-            Err(_) => nack(&delivery, true).await,
-        }
+        self.park(&delivery, cursor.stamp(delivery.properties.clone()), tier)
+            .await;
         Processed::Retrying {
             class: "circuit_open",
             delay_secs: tier,
@@ -899,7 +885,12 @@ impl Worker {
         let reason = err.to_string();
         let id = serde_json::from_slice::<serde_json::Value>(&delivery.data)
             .ok()
-            .and_then(|v| v.get("id")?.as_str()?.parse::<llmq_producer_sdk::JobId>().ok());
+            .and_then(|v| {
+                v.get("id")?
+                    .as_str()?
+                    .parse::<llmq_producer_sdk::JobId>()
+                    .ok()
+            });
         if let Some(id) = id {
             let message = format!("the worker cannot read this job's message: {reason}");
             let t = Transition {
@@ -1172,7 +1163,10 @@ pub async fn run_with(
     let longest_call = settings
         .providers
         .values()
-        .map(|p| p.timeout_base_secs + p.timeout_per_1k_tokens_secs * u64::from(settings.limits.max_output_tokens) / 1000)
+        .map(|p| {
+            p.timeout_base_secs
+                + p.timeout_per_1k_tokens_secs * u64::from(settings.limits.max_output_tokens) / 1000
+        })
         .max()
         .unwrap_or(0);
     if settings.worker.repair_after_secs < settings.admission.max_wait_secs + longest_call {
@@ -1398,7 +1392,8 @@ async fn sweep(
         }
         if last_orphans.elapsed() >= Duration::from_secs(15) {
             last_orphans = Instant::now();
-            match store::publish_orphans(&pool, &channel, &topology, Duration::from_secs(30)).await {
+            match store::publish_orphans(&pool, &channel, &topology, Duration::from_secs(30)).await
+            {
                 Ok(0) => {}
                 Ok(n) => info!(jobs = n, "published jobs their producer left unpublished"),
                 Err(e) => warn!(error = %e, "orphan sweep failed; will retry"),
@@ -1418,14 +1413,21 @@ async fn sweep(
         match store::repair_lost(&pool, &channel, &publisher, &topology, repair_after, 100).await {
             Ok((done, failed)) => {
                 if done.republished > 0 {
-                    warn!(jobs = done.republished, quiet_s = repair_after.as_secs(), "republished live jobs whose message was lost");
+                    warn!(
+                        jobs = done.republished,
+                        quiet_s = repair_after.as_secs(),
+                        "republished live jobs whose message was lost"
+                    );
                     metrics
                         .repaired
                         .get_or_create(&vec![("action", "republished".to_owned())])
                         .inc_by(done.republished as u64);
                 }
                 if done.failed > 0 {
-                    warn!(jobs = done.failed, "failed jobs whose message was lost too many times");
+                    warn!(
+                        jobs = done.failed,
+                        "failed jobs whose message was lost too many times"
+                    );
                     metrics
                         .repaired
                         .get_or_create(&vec![("action", "failed".to_owned())])

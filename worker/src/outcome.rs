@@ -322,8 +322,15 @@ mod tests {
         };
         assert!(!f.message.contains("sk-"), "{}", f.message);
         assert!(!f.message.contains("org-AbCdEf"), "{}", f.message);
-        assert!(f.message.starts_with("Incorrect API key provided"), "{}", f.message);
-        assert_eq!(redact("Rate limit reached for gpt-4o on requests per min (RPM): Limit 3"), "Rate limit reached for gpt-4o on requests per min (RPM): Limit 3");
+        assert!(
+            f.message.starts_with("Incorrect API key provided"),
+            "{}",
+            f.message
+        );
+        assert_eq!(
+            redact("Rate limit reached for gpt-4o on requests per min (RPM): Limit 3"),
+            "Rate limit reached for gpt-4o on requests per min (RPM): Limit 3"
+        );
     }
 
     #[test]

@@ -57,22 +57,16 @@ pub async fn mark_waiting(
     expected_start: DateTime<Utc>,
     redelivered: bool,
 ) -> Result<bool, sqlx::Error> {
-    let changed: Option<uuid::Uuid> = sqlx::query_scalar(
-        "WITH j AS (
-            UPDATE jobs SET state = 'waiting_budget', expected_start_at = $2, updated_at = now()
-            WHERE id = $1 AND (state IN ('queued', 'waiting_budget', 'retrying')
-                               OR ($3 AND state = 'running'))
-            RETURNING id, attempts)
-         INSERT INTO job_transitions (job_id, state, attempt, detail)
-         SELECT id, 'waiting_budget', attempts, jsonb_build_object('expected_start_at', $2::timestamptz) FROM j
-         RETURNING job_id",
+    let detail = serde_json::json!({ "expected_start_at": expected_start });
+    hold(
+        pool,
+        id,
+        JobState::WaitingBudget,
+        expected_start,
+        detail,
+        redelivered,
     )
-    .bind(id.0)
-    .bind(expected_start)
-    .bind(redelivered)
-    .fetch_optional(pool)
-    .await?;
-    Ok(changed.is_some())
+    .await
 }
 
 /// Records that the job goes back through a delay queue until `next_at` because its budget
@@ -84,21 +78,34 @@ pub async fn defer(
     next_at: DateTime<Utc>,
     redelivered: bool,
 ) -> Result<bool, sqlx::Error> {
+    let detail = serde_json::json!({ "next_attempt_at": next_at, "reason": "budget" });
+    hold(pool, id, JobState::Retrying, next_at, detail, redelivered).await
+}
+
+/// A live job waits in `state` until `until`, without an attempt counted.
+async fn hold(
+    pool: &PgPool,
+    id: JobId,
+    state: JobState,
+    until: DateTime<Utc>,
+    detail: serde_json::Value,
+    redelivered: bool,
+) -> Result<bool, sqlx::Error> {
     let changed: Option<uuid::Uuid> = sqlx::query_scalar(
         "WITH j AS (
-            UPDATE jobs SET state = 'retrying', expected_start_at = $2, updated_at = now()
+            UPDATE jobs SET state = $4, expected_start_at = $2, updated_at = now()
             WHERE id = $1 AND (state IN ('queued', 'waiting_budget', 'retrying')
                                OR ($3 AND state = 'running'))
             RETURNING id, attempts)
          INSERT INTO job_transitions (job_id, state, attempt, detail)
-         SELECT id, 'retrying', attempts,
-                jsonb_build_object('next_attempt_at', $2::timestamptz, 'reason', 'budget')
-         FROM j
+         SELECT id, $4, attempts, $5 FROM j
          RETURNING job_id",
     )
     .bind(id.0)
-    .bind(next_at)
+    .bind(until)
     .bind(redelivered)
+    .bind(state.as_str())
+    .bind(sqlx::types::Json(detail))
     .fetch_optional(pool)
     .await?;
     Ok(changed.is_some())
@@ -353,7 +360,9 @@ pub async fn repair_lost(
                 .with_message_id(id.to_string().into())
                 .with_content_type("application/json".into());
             let body = serde_json::to_vec(&envelope.0)?;
-            publisher.dead_letter(&body, &props, &message, "lost").await?;
+            publisher
+                .dead_letter(&body, &props, &message, "lost")
+                .await?;
             let tenant = envelope
                 .0
                 .get("tenant")

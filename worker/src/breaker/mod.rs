@@ -214,7 +214,12 @@ impl Breaker {
     }
 
     /// Records the outcome of a call made under `permit` (its probe, if any, is spent).
-    pub async fn record_call(&self, permit: Permit, provider: &str, signal: Signal) -> Option<String> {
+    pub async fn record_call(
+        &self,
+        permit: Permit,
+        provider: &str,
+        signal: Signal,
+    ) -> Option<String> {
         if let Permit::Call(Some(mut lease)) = permit {
             lease.armed = false;
         }
