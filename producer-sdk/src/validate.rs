@@ -127,6 +127,12 @@ pub enum ValidationError {
         /// What to do instead.
         why: &'static str,
     },
+    /// U+0000 somewhere in the job (PostgreSQL cannot store it).
+    #[error("the job holds the character U+0000 (in a message, a name, metadata, params or a key), which cannot be stored: remove it")]
+    NulCharacter,
+    /// A number PostgreSQL would store but not give back intact.
+    #[error("the number {0} (in metadata or params) is beyond ±1e308, which cannot be stored and read back: send it as a string")]
+    NumberOutOfRange(String),
     /// More fallback routes than accepted.
     #[error("fallbacks has {got} routes, more than the limit of {limit}: keep the chain short")]
     TooManyFallbacks {
@@ -136,6 +142,11 @@ pub enum ValidationError {
         limit: usize,
     },
 }
+
+/// The largest number a job may carry: PostgreSQL keeps JSON numbers as exact decimals
+/// and writes them back in full, and the last few `f64`s below `f64::MAX` written so do
+/// not parse again, which would leave the job's status unreadable.
+pub const MAX_NUMBER: f64 = 1e308;
 
 /// Most fallback routes a job may carry.
 pub const MAX_FALLBACKS: usize = 8;
@@ -205,6 +216,8 @@ impl ValidationError {
             ValidationError::IdempotencyKeyTooLong(_) => "idempotency_key_too_long",
             ValidationError::ParamNotAllowed { .. } => "param_not_allowed",
             ValidationError::TooManyFallbacks { .. } => "too_many_fallbacks",
+            ValidationError::NulCharacter => "nul_character",
+            ValidationError::NumberOutOfRange(_) => "number_out_of_range",
         }
     }
 }
@@ -294,6 +307,9 @@ pub fn validate(job: &JobEnvelope, limits: &Limits) -> Result<(), ValidationErro
             limit: limits.max_body_bytes,
         });
     }
+    if let Ok(v) = serde_json::to_value(job) {
+        storable(&v)?;
+    }
     let prompt_tokens = estimate_prompt_tokens(&req.messages);
     let context_tokens = limits.context_for(&job.route.model);
     if prompt_tokens + u64::from(max_tokens) > u64::from(context_tokens) {
@@ -304,6 +320,26 @@ pub fn validate(job: &JobEnvelope, limits: &Limits) -> Result<(), ValidationErro
         });
     }
     Ok(())
+}
+
+/// Refuses what PostgreSQL could not store, or not give back intact: U+0000 anywhere in
+/// the job's text or keys, or a number beyond ±[`MAX_NUMBER`].
+fn storable(v: &serde_json::Value) -> Result<(), ValidationError> {
+    use serde_json::Value;
+    match v {
+        Value::String(s) if s.contains('\0') => Err(ValidationError::NulCharacter),
+        Value::Number(n) if n.as_f64().is_some_and(|f| f.abs() > MAX_NUMBER) => {
+            Err(ValidationError::NumberOutOfRange(n.to_string()))
+        }
+        Value::Array(a) => a.iter().try_for_each(storable),
+        Value::Object(o) => o.iter().try_for_each(|(k, v)| {
+            if k.contains('\0') {
+                return Err(ValidationError::NulCharacter);
+            }
+            storable(v)
+        }),
+        _ => Ok(()),
+    }
 }
 
 #[cfg(test)]
@@ -340,6 +376,12 @@ mod tests {
         let mut j = job();
         j.request.extra.insert("seed".into(), serde_json::json!(7));
         assert_eq!(validate(&j, &Limits::default()), Ok(()));
+        let mut j = job();
+        j.request.messages[0].content.push('\0');
+        assert_eq!(
+            validate(&j, &Limits::default()),
+            Err(ValidationError::NulCharacter)
+        );
         let mut j = job();
         j.fallbacks = vec![j.route.clone(); MAX_FALLBACKS + 1];
         assert!(matches!(

@@ -288,40 +288,6 @@ where
     Ok(Option::<Whole<T>>::deserialize(d)?.map(|w| w.0))
 }
 
-/// The largest number a job may carry: PostgreSQL keeps JSON numbers as exact decimals
-/// and writes them back in full, and the last few `f64`s below `f64::MAX` written so do
-/// not parse again, which would leave the job's status unreadable.
-const MAX_NUMBER: f64 = 1e308;
-
-/// Refuses a job PostgreSQL could not store, or not give back intact: U+0000 anywhere in
-/// its text, or a number beyond ±[`MAX_NUMBER`].
-fn storable(v: &serde_json::Value) -> Result<(), ApiError> {
-    use serde_json::Value;
-    let nul = || {
-        ApiError::Unprocessable(
-            "nul_character",
-            "the job holds the character U+0000 (in a message, a name, metadata, params or a key), which cannot be stored: remove it".into(),
-        )
-    };
-    match v {
-        Value::String(s) if s.contains('\0') => Err(nul()),
-        Value::Number(n) if n.as_f64().is_some_and(|f| f.abs() > MAX_NUMBER) => {
-            Err(ApiError::Unprocessable(
-                "number_out_of_range",
-                format!("the number {n} (in metadata or params) is beyond ±1e308, which cannot be stored and read back: send it as a string"),
-            ))
-        }
-        Value::Array(a) => a.iter().try_for_each(storable),
-        Value::Object(o) => o.iter().try_for_each(|(k, v)| {
-            if k.contains('\0') {
-                return Err(nul());
-            }
-            storable(v)
-        }),
-        _ => Ok(()),
-    }
-}
-
 #[derive(Serialize)]
 struct Created {
     id: JobId,
@@ -370,9 +336,6 @@ async fn create_job(
         created_at: Utc::now(),
         trace_context: None,
     };
-    if let Ok(v) = serde_json::to_value(&envelope) {
-        storable(&v)?;
-    }
     let enqueued = state.producer.client().enqueue_envelope(envelope).await?;
     state
         .metrics
@@ -712,8 +675,6 @@ enum ApiError {
     Unauthorized(&'static str),
     Forbidden(String),
     Conflict(&'static str, String),
-    /// A job the API refuses for a reason the SDK's validation does not know.
-    Unprocessable(&'static str, String),
     Unavailable(String),
     /// As many event streams are open as `api.max_event_streams` allows.
     TooManyStreams(u32),
@@ -787,7 +748,6 @@ impl IntoResponse for ApiError {
             }
             ApiError::Forbidden(m) => (StatusCode::FORBIDDEN, "wrong_tenant", m),
             ApiError::Conflict(code, m) => (StatusCode::CONFLICT, code, m),
-            ApiError::Unprocessable(code, m) => (StatusCode::UNPROCESSABLE_ENTITY, code, m),
             ApiError::Unavailable(m) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
             ApiError::TooManyStreams(max) => {
                 let mut r = (
