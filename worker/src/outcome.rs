@@ -142,23 +142,48 @@ pub fn redact(message: &str) -> String {
     }
 }
 
-/// A provider's text made fit for the record: cut on a character boundary, redacted.
+/// A provider's text made fit for the record: redacted (before it is cut, so no key is
+/// left half-matched at the cut), cut on a character boundary.
 fn evidence_text(message: &str) -> String {
-    let cut_to = cut(message, MAX_MESSAGE_BYTES);
-    let mut text = redact(cut_to);
-    if cut_to.len() < message.len() {
+    let redacted = redact(message);
+    let cut_to = cut(&redacted, MAX_MESSAGE_BYTES);
+    let mut text = storable(cut_to.to_owned());
+    if cut_to.len() < redacted.len() {
         text.push_str(" …");
     }
     text
+}
+
+/// `s` without U+0000, which PostgreSQL cannot store (a provider may send it in any text):
+/// each becomes U+FFFD.
+pub fn storable(s: String) -> String {
+    if s.contains('\0') {
+        s.replace('\0', "\u{FFFD}")
+    } else {
+        s
+    }
+}
+
+fn storable_opt(s: Option<String>) -> Option<String> {
+    s.map(storable)
 }
 
 /// Maps one call's result to an [`Outcome`].
 pub fn classify(result: Result<ProviderReply, CallError>) -> Outcome {
     let failure = classify_failure(result);
     match failure {
-        Ok(reply) => Outcome::Succeeded(reply),
+        Ok(reply) => Outcome::Succeeded(ProviderReply {
+            content: storable(reply.content),
+            finish_reason: storable_opt(reply.finish_reason),
+            model: storable(reply.model),
+            request_id: storable_opt(reply.request_id),
+            ..reply
+        }),
         Err((after, mut f)) => {
             f.message = evidence_text(&f.message);
+            f.error_type = storable_opt(f.error_type);
+            f.error_code = storable_opt(f.error_code);
+            f.request_id = storable_opt(f.request_id);
             if f.class.is_retryable() {
                 Outcome::RetryAfter(after, f)
             } else {
@@ -312,6 +337,31 @@ mod tests {
         for n in 0..12 {
             assert!(cut("é🙂x", n).len() <= n);
         }
+    }
+
+    #[test]
+    fn nul_characters_never_reach_the_record() {
+        let reply = ProviderReply {
+            content: "a\0b".into(),
+            finish_reason: Some("st\0p".into()),
+            model: "m\0".into(),
+            request_id: Some("req\0".into()),
+            usage: Default::default(),
+            status: 200,
+            remaining: Default::default(),
+        };
+        let Outcome::Succeeded(r) = classify(Ok(reply)) else {
+            panic!("a reply succeeds");
+        };
+        assert_eq!(r.content, "a\u{FFFD}b");
+        assert!(!format!("{r:?}").contains("\\0"));
+        let Outcome::RetryAfter(_, f) = classify(http(
+            500,
+            "{\"error\":{\"message\":\"bad\\u0000news\",\"type\":\"server\\u0000error\"}}",
+        )) else {
+            panic!("a 500 is retried");
+        };
+        assert!(!f.message.contains('\0') && !f.error_type.unwrap_or_default().contains('\0'));
     }
 
     #[test]

@@ -70,14 +70,19 @@ impl Scope {
     }
 
     /// What a finished call actually used, per dimension.
+    /// Each is held to what the bucket holds: a provider's absurd `usage` (say 10^15
+    /// tokens) must not push the fleet's budget years ahead.
     pub fn actual(&self, usage: &Usage) -> Vec<u64> {
         self.dims
             .iter()
-            .map(|d| match d.name {
-                "requests" => 1,
-                "tokens" => usage.prompt_tokens + usage.completion_tokens,
-                "input_tokens" => usage.prompt_tokens,
-                _ => usage.completion_tokens,
+            .map(|d| {
+                let used = match d.name {
+                    "requests" => 1,
+                    "tokens" => usage.prompt_tokens.saturating_add(usage.completion_tokens),
+                    "input_tokens" => usage.prompt_tokens,
+                    _ => usage.completion_tokens,
+                };
+                used.min(d.burst.ceil().max(1.0) as u64)
             })
             .collect()
     }

@@ -161,7 +161,7 @@ fn whole(answer: Answer) -> Result<ProviderReply, CallError> {
         usage: Usage {
             prompt_tokens: u.input_tokens,
             completion_tokens: u.output_tokens,
-            total_tokens: u.input_tokens + u.output_tokens,
+            total_tokens: u.input_tokens.saturating_add(u.output_tokens),
         },
         status,
         remaining: Remaining::from_headers(&headers),
@@ -254,7 +254,7 @@ async fn streamed(
         usage: Usage {
             prompt_tokens: input,
             completion_tokens: output,
-            total_tokens: input + output,
+            total_tokens: input.saturating_add(output),
         },
         status: s.status,
         remaining: Remaining::from_headers(&s.headers),
