@@ -389,3 +389,40 @@ async fn a_panicking_job_task_hands_its_delivery_back_and_the_replica_keeps_cons
         assert!(s.result.unwrap().content.starts_with("ok: "));
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_call_is_not_taken_for_lost() {
+    let app = spawn_app_with(AppOptions {
+        configure: Some(quick_repair),
+        mock: llmq_mock_provider::MockConfig {
+            latency: Duration::from_secs(8),
+            ..Default::default()
+        },
+        ..Default::default()
+    })
+    .await;
+    let client = app.client().await;
+    let id = client
+        .enqueue(
+            NewJob::new(
+                "acme",
+                "gpt-4o-mini",
+                vec![ChatMessage::user("slow but alive")],
+            )
+            .max_tokens(8),
+        )
+        .await
+        .unwrap();
+    // The call outlasts repair_after (2 s) four times; its holder keeps the job alive.
+    let s = app
+        .wait_for(id, JobState::Succeeded, Duration::from_secs(60))
+        .await;
+    assert_eq!(s.attempts, 1);
+    assert_eq!(app.mock.stats().requests_total, 1, "one provider call");
+    let repairs: i32 = sqlx::query_scalar("SELECT repairs FROM jobs WHERE id = $1")
+        .bind(id.0)
+        .fetch_one(&app.pool)
+        .await
+        .unwrap();
+    assert_eq!(repairs, 0);
+}

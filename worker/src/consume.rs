@@ -91,6 +91,44 @@ pub struct Worker {
     live: crate::live::LiveText,
     cancels: Arc<crate::live::Cancels>,
     metrics: Arc<crate::metrics::Metrics>,
+    held: Arc<Held>,
+}
+
+/// The jobs whose deliveries this replica is working on, for the repair sweep's
+/// heartbeat ([`store::touch_held`]).
+#[derive(Default)]
+struct Held(std::sync::Mutex<BTreeMap<uuid::Uuid, usize>>);
+
+impl Held {
+    fn hold(self: &Arc<Self>, id: uuid::Uuid) -> HeldGuard {
+        if let Ok(mut m) = self.0.lock() {
+            *m.entry(id).or_default() += 1;
+        }
+        HeldGuard(self.clone(), id)
+    }
+
+    fn ids(&self) -> Vec<uuid::Uuid> {
+        self.0
+            .lock()
+            .map(|m| m.keys().copied().collect())
+            .unwrap_or_default()
+    }
+}
+
+/// Drops the job from [`Held`] when its delivery is done (or its task panicked).
+struct HeldGuard(Arc<Held>, uuid::Uuid);
+
+impl Drop for HeldGuard {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.0 .0.lock() {
+            if let Some(n) = m.get_mut(&self.1) {
+                *n -= 1;
+                if *n == 0 {
+                    m.remove(&self.1);
+                }
+            }
+        }
+    }
 }
 
 /// Which of a job's routes a message is on, and the attempt number where that route
@@ -178,6 +216,16 @@ impl Worker {
             .catch_unwind()
             .await
         {
+            Ok(Processed::HandedBack) if !self.hard_stop.is_cancelled() => {
+                // Not a shutdown: give the message back now rather than when the channel
+                // closes (a no-op if it was already acked or nacked).
+                let requeue = BasicNackOptions {
+                    requeue: true,
+                    ..Default::default()
+                };
+                let _ = acker.nack(requeue).await;
+                Processed::HandedBack
+            }
             Ok(done) => done,
             Err(panic) => {
                 self.metrics.panics.inc();
@@ -213,6 +261,7 @@ impl Worker {
 
     async fn process_envelope(&self, delivery: Delivery, env: JobEnvelope) -> Processed {
         let id = env.id;
+        let _held = self.held.hold(id.0);
         let Some(state) = self
             .durably("read job", || store::load_state(&self.pool, id))
             .await
@@ -1065,7 +1114,9 @@ impl Worker {
         });
     }
 
-    /// Runs a store step until it succeeds, or returns `None` once the drain deadline passed.
+    /// Runs a store step until it succeeds, or returns `None` once the drain deadline passed,
+    /// or at once when PostgreSQL refused the data itself (it will refuse it again): the
+    /// delivery is then handed back, and failed as undeliverable if that keeps happening.
     async fn durably<T, F, Fut>(&self, what: &str, mut op: F) -> Option<T>
     where
         F: FnMut() -> Fut,
@@ -1075,6 +1126,10 @@ impl Worker {
         loop {
             match op().await {
                 Ok(v) => return Some(v),
+                Err(e) if refused_data(&e) => {
+                    tracing::error!(error = %e, step = what, "the database refused this job's data; handing the delivery back");
+                    return None;
+                }
                 Err(e) => {
                     warn!(error = %e, step = what, "database step failed; retrying");
                     tokio::select! {
@@ -1097,6 +1152,17 @@ fn fill_failure(ev: &mut AttemptRecord, f: &Failure, outcome: &'static str) {
     ev.error_code.clone_from(&f.error_code);
     ev.error_message = Some(f.message.clone());
     ev.provider_request_id.clone_from(&f.request_id);
+}
+
+/// A data, constraint or statement error: retrying the same step cannot succeed.
+fn refused_data(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| {
+            ["22", "23", "42"]
+                .iter()
+                .any(|class| code.starts_with(class))
+        })
 }
 
 /// The record moved on without this delivery (finished, cancelled, or taken over by a
@@ -1160,23 +1226,6 @@ pub async fn run_with(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let providers = Arc::new(providers);
-    let longest_call = settings
-        .providers
-        .values()
-        .map(|p| {
-            p.timeout_base_secs
-                + p.timeout_per_1k_tokens_secs * u64::from(settings.limits.max_output_tokens) / 1000
-        })
-        .max()
-        .unwrap_or(0);
-    if settings.worker.repair_after_secs < settings.admission.max_wait_secs + longest_call {
-        warn!(
-            repair_after_secs = settings.worker.repair_after_secs,
-            max_wait_secs = settings.admission.max_wait_secs,
-            longest_call_secs = longest_call,
-            "worker.repair_after_secs is shorter than the longest budget wait plus the longest call: the repair sweep may republish a job that is still being worked on (a second provider call); raise it"
-        );
-    }
     let admission = Arc::new(Admission::new(&settings)?);
     let breaker = Arc::new(Breaker::new(&settings)?);
     let metrics = crate::metrics::Metrics::new();
@@ -1263,6 +1312,7 @@ async fn consume_session(
         live: crate::live::LiveText::new(settings)?,
         cancels: crate::live::Cancels::start(&connection, &topology, listeners).await?,
         metrics: metrics.clone(),
+        held: Arc::new(Held::default()),
     });
     let mut consumer = channel
         .basic_consume(
@@ -1281,6 +1331,7 @@ async fn consume_session(
         connection.clone(),
         topology.clone(),
         Duration::from_secs(settings.worker.repair_after_secs.max(1)),
+        worker.held.clone(),
         metrics.clone(),
         session.clone(),
     ));
@@ -1358,42 +1409,47 @@ async fn watch_queues(
 }
 
 /// The sweeps that keep every live job moving, on their own confirm-mode channel:
+/// - every tick (`repair_after / 3`, 1..15 s), touches the jobs this replica holds, so
+///   a slow job is never taken for lost ([`store::touch_held`]);
 /// - every 15 s, publishes jobs a producer recorded but never published (the outbox);
-/// - every `repair_after / 3` (1..30 s), while the work queue has no ready message,
-///   republishes live jobs with nothing recorded for `repair_after` (their message was
-///   lost), or fails them after a few losses ([`store::repair_lost`]).
+/// - every tick, republishes live jobs nobody touched for `repair_after` (their message
+///   was lost), or fails them after a few losses ([`store::repair_lost`]); while the work
+///   queue has a backlog, only jobs a dead replica held.
 async fn sweep(
     pool: PgPool,
     connection: Arc<lapin::Connection>,
     topology: Topology,
     repair_after: Duration,
+    held: Arc<Held>,
     metrics: Arc<crate::metrics::Metrics>,
     stop: CancellationToken,
 ) {
-    let Ok(channel) = connection.create_channel().await else {
-        return;
-    };
-    if channel
-        .confirm_select(lapin::options::ConfirmSelectOptions::default())
-        .await
-        .is_err()
-    {
-        return;
-    }
-    let Ok(publisher) = Publisher::new(&connection, topology.clone()).await else {
-        return;
-    };
-    let tick = (repair_after / 3).clamp(Duration::from_secs(1), Duration::from_secs(30));
+    let tick = (repair_after / 3).clamp(Duration::from_secs(1), Duration::from_secs(15));
     let mut last_orphans = Instant::now();
+    let mut link: Option<(lapin::Channel, Publisher)> = None;
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(tick.min(Duration::from_secs(15))) => {}
+            () = tokio::time::sleep(tick) => {}
         }
+        if let Err(e) = store::touch_held(&pool, &held.ids(), tick).await {
+            warn!(error = %e, "could not mark held jobs as alive; will retry");
+        }
+        if link.as_ref().is_none_or(|(ch, _)| !ch.status().connected()) {
+            link = match sweep_channel(&connection, &topology).await {
+                Ok(l) => Some(l),
+                Err(e) => {
+                    warn!(error = %e, "sweep: no broker channel; will retry");
+                    continue;
+                }
+            };
+        }
+        let Some((channel, publisher)) = link.as_ref() else {
+            continue;
+        };
         if last_orphans.elapsed() >= Duration::from_secs(15) {
             last_orphans = Instant::now();
-            match store::publish_orphans(&pool, &channel, &topology, Duration::from_secs(30)).await
-            {
+            match store::publish_orphans(&pool, channel, &topology, Duration::from_secs(30)).await {
                 Ok(0) => {}
                 Ok(n) => info!(jobs = n, "published jobs their producer left unpublished"),
                 Err(e) => warn!(error = %e, "orphan sweep failed; will retry"),
@@ -1403,35 +1459,41 @@ async fn sweep(
             passive: true,
             ..Default::default()
         };
-        let ready = channel
+        let ready = match channel
             .queue_declare(&topology.work_queue(), passive, FieldTable::default())
             .await
-            .map(|q| q.message_count());
-        if ready != Ok(0) {
-            continue;
-        }
-        match store::repair_lost(&pool, &channel, &publisher, &topology, repair_after, 100).await {
+        {
+            Ok(q) => q.message_count(),
+            Err(e) => {
+                warn!(error = %e, "sweep: cannot read the work queue's depth; will retry");
+                continue;
+            }
+        };
+        let repaired = store::repair_lost(
+            &pool,
+            channel,
+            publisher,
+            &topology,
+            repair_after,
+            ready > 0,
+            100,
+        )
+        .await;
+        match repaired {
             Ok((done, failed)) => {
-                if done.republished > 0 {
-                    warn!(
-                        jobs = done.republished,
-                        quiet_s = repair_after.as_secs(),
-                        "republished live jobs whose message was lost"
-                    );
-                    metrics
-                        .repaired
-                        .get_or_create(&vec![("action", "republished".to_owned())])
-                        .inc_by(done.republished as u64);
-                }
-                if done.failed > 0 {
-                    warn!(
-                        jobs = done.failed,
-                        "failed jobs whose message was lost too many times"
-                    );
-                    metrics
-                        .repaired
-                        .get_or_create(&vec![("action", "failed".to_owned())])
-                        .inc_by(done.failed as u64);
+                for (action, n) in [("republished", done.republished), ("failed", done.failed)] {
+                    if n > 0 {
+                        warn!(
+                            jobs = n,
+                            action,
+                            quiet_s = repair_after.as_secs(),
+                            "repaired live jobs whose message was lost"
+                        );
+                        metrics
+                            .repaired
+                            .get_or_create(&vec![("action", action.to_owned())])
+                            .inc_by(n as u64);
+                    }
                 }
                 for (id, tenant) in failed {
                     let event = JobEvent {
@@ -1449,6 +1511,20 @@ async fn sweep(
             Err(e) => warn!(error = %e, "repair sweep failed; will retry"),
         }
     }
+}
+
+/// A confirm-mode channel for the sweeps' publishes, and a publisher for dead letters and
+/// events.
+async fn sweep_channel(
+    connection: &lapin::Connection,
+    topology: &Topology,
+) -> Result<(lapin::Channel, Publisher), lapin::Error> {
+    let channel = connection.create_channel().await?;
+    channel
+        .confirm_select(lapin::options::ConfirmSelectOptions::default())
+        .await?;
+    let publisher = Publisher::new(connection, topology.clone()).await?;
+    Ok((channel, publisher))
 }
 
 /// Re-reads the settings on SIGHUP and applies the new rate limits without a restart.

@@ -33,7 +33,8 @@ pub async fn claim(
     let attempt: Option<i32> = sqlx::query_scalar(
         "WITH j AS (
             UPDATE jobs SET state = 'running', attempts = attempts + 1,
-                            started_at = coalesce(started_at, now()), updated_at = now()
+                            started_at = coalesce(started_at, now()),
+                            published_at = coalesce(published_at, now()), updated_at = now()
             WHERE id = $1 AND (state IN ('queued', 'waiting_budget', 'retrying')
                                OR ($2 AND state = 'running'))
             RETURNING id, attempts)
@@ -299,20 +300,27 @@ pub struct Repaired {
 /// republished.
 pub const MAX_REPAIRS: i32 = 3;
 
-/// The repair sweep: live jobs, published, with nothing recorded for `quiet` (for a
-/// `retrying` job: `quiet` past its next attempt time), are taken to have lost their
-/// message (a broker failure dropped it, or dead-lettered it without an outcome). Each is
-/// set `queued` and published again, or, after [`MAX_REPAIRS`], failed as `lost` with the
-/// reason and a copy dead-lettered for `llmq dlq replay`. At most `limit` jobs per call;
-/// rows are locked while handled, so sweeps on other replicas skip them. The caller runs
-/// it only while the work queue has no ready message, so a job merely waiting in line
-/// is not taken for lost.
+/// The repair sweep: live jobs with nothing recorded for `quiet` (for a `retrying` job:
+/// `quiet` past its next attempt time) and held by no live replica (holders touch their
+/// jobs, [`touch_held`]) are taken to have lost their message (a broker failure dropped
+/// it, or dead-lettered it without an outcome). Each is set `queued` and published
+/// again, or, after [`MAX_REPAIRS`], failed as `lost` with the reason and a copy
+/// dead-lettered for `llmq dlq replay`.
+///
+/// While the work queue has a backlog (`backlog`), a `queued` or `retrying` job may just
+/// be waiting in line: then only `running` and `waiting_budget` jobs quiet for twice as
+/// long are taken. At most `limit` jobs per call; rows are locked while their record is
+/// changed, so sweeps on other replicas skip them. The record is committed before the
+/// new message is published (a copy must never arrive to a record that still says
+/// `running`); a publish that fails leaves the job to the outbox sweep
+/// ([`publish_orphans`]). Returns what was done, and the failed jobs with their tenant.
 pub async fn repair_lost(
     pool: &PgPool,
     channel: &lapin::Channel,
     publisher: &crate::publish::Publisher,
     topology: &llmq_producer_sdk::Topology,
     quiet: std::time::Duration,
+    backlog: bool,
     limit: i64,
 ) -> anyhow::Result<(Repaired, Vec<(JobId, String)>)> {
     let mut tx = pool.begin().await?;
@@ -328,71 +336,125 @@ pub async fn repair_lost(
            AND updated_at < now() - make_interval(secs => $1)
            AND (state <> 'retrying' OR expected_start_at IS NULL
                 OR expected_start_at < now() - make_interval(secs => $1))
+           AND (NOT $3 OR (state IN ('running', 'waiting_budget')
+                           AND updated_at < now() - make_interval(secs => 2 * $1)))
          ORDER BY updated_at LIMIT $2
          FOR UPDATE SKIP LOCKED",
     )
     .bind(quiet.as_secs_f64())
     .bind(limit)
+    .bind(backlog)
     .fetch_all(&mut *tx)
     .await?;
-    let mut done = Repaired::default();
-    let mut failed = Vec::new();
     let quiet_s = quiet.as_secs();
+    let mut republish = Vec::new();
+    let mut dead = Vec::new();
     for (id, state, repairs, envelope) in rows {
         let env = serde_json::from_value::<llmq_producer_sdk::JobEnvelope>(envelope.0.clone());
-        if repairs >= MAX_REPAIRS || env.is_err() {
-            let message = match &env {
-                Ok(_) => format!(
-                    "its message was lost {repairs} times (nothing happened to the job for {quiet_s} s while it was {state}); failed so it stops waiting; once the cause is fixed: llmq dlq replay {id}"
-                ),
-                Err(e) => format!("its message was lost and its recorded envelope cannot be read ({e}); enqueue it again"),
-            };
-            let t = Transition {
-                state: JobState::Failed,
-                attempt: 0,
-                result: None,
-                error: Some(("lost", &message)),
-                evidence: None,
-                detail: Some(serde_json::json!({ "reason": "lost", "was": state })),
-            };
-            record(&mut *tx, JobId(id), &t).await?;
-            let props = lapin::BasicProperties::default()
-                .with_message_id(id.to_string().into())
-                .with_content_type("application/json".into());
-            let body = serde_json::to_vec(&envelope.0)?;
-            publisher
-                .dead_letter(&body, &props, &message, "lost")
+        match env {
+            Ok(env) if repairs < MAX_REPAIRS => {
+                sqlx::query(
+                    "WITH j AS (
+                        UPDATE jobs SET state = 'queued', repairs = repairs + 1,
+                                        expected_start_at = NULL, published_at = NULL,
+                                        updated_at = now()
+                        WHERE id = $1 RETURNING id, attempts)
+                     INSERT INTO job_transitions (job_id, state, attempt, detail)
+                     SELECT id, 'queued', attempts,
+                            jsonb_build_object('reason', 'repaired', 'was', $2::text,
+                                               'quiet_secs', $3::bigint)
+                     FROM j",
+                )
+                .bind(id)
+                .bind(&state)
+                .bind(i64::try_from(quiet_s).unwrap_or(i64::MAX))
+                .execute(&mut *tx)
                 .await?;
-            let tenant = envelope
-                .0
-                .get("tenant")
-                .and_then(|t| t.as_str())
-                .unwrap_or_default();
-            failed.push((JobId(id), tenant.to_owned()));
-            done.failed += 1;
-            continue;
-        }
-        sqlx::query(
-            "WITH j AS (
-                UPDATE jobs SET state = 'queued', repairs = repairs + 1, expected_start_at = NULL,
-                                updated_at = now()
-                WHERE id = $1 RETURNING id, attempts)
-             INSERT INTO job_transitions (job_id, state, attempt, detail)
-             SELECT id, 'queued', attempts,
-                    jsonb_build_object('reason', 'repaired', 'was', $2::text, 'quiet_secs', $3::bigint)
-             FROM j",
-        )
-        .bind(id)
-        .bind(&state)
-        .bind(i64::try_from(quiet_s).unwrap_or(i64::MAX))
-        .execute(&mut *tx)
-        .await?;
-        if let Ok(env) = env {
-            let encoded = env.encode();
-            llmq_producer_sdk::publish_job(channel, topology, &env, encoded).await?;
-            done.republished += 1;
+                republish.push(env);
+            }
+            env => {
+                let message = match &env {
+                    Ok(_) => format!(
+                        "its message was lost {repairs} times (nothing happened to the job for {quiet_s} s while it was {state}); failed so it stops waiting; once the cause is fixed: llmq dlq replay {id}"
+                    ),
+                    Err(e) => format!(
+                        "its message was lost and its recorded envelope cannot be read ({e}); enqueue it again"
+                    ),
+                };
+                let t = Transition {
+                    state: JobState::Failed,
+                    attempt: 0,
+                    result: None,
+                    error: Some(("lost", &message)),
+                    evidence: None,
+                    detail: Some(serde_json::json!({ "reason": "lost", "was": state })),
+                };
+                record(&mut *tx, JobId(id), &t).await?;
+                let tenant = envelope
+                    .0
+                    .get("tenant")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                dead.push((JobId(id), tenant, envelope.0, message));
+            }
         }
     }
     tx.commit().await?;
+
+    let mut done = Repaired {
+        failed: dead.len(),
+        ..Repaired::default()
+    };
+    let mut failed = Vec::with_capacity(dead.len());
+    for (id, tenant, envelope, message) in dead {
+        // Best effort: the record already says failed, with the reason.
+        let props = lapin::BasicProperties::default()
+            .with_message_id(id.to_string().into())
+            .with_content_type("application/json".into());
+        let body = serde_json::to_vec(&envelope).unwrap_or_default();
+        if let Err(e) = publisher.dead_letter(&body, &props, &message, "lost").await {
+            tracing::warn!(job_id = %id, error = %e, "could not copy a lost job to the dead-letter queue; its record holds the reason");
+        }
+        failed.push((id, tenant));
+    }
+    let mut published = Vec::with_capacity(republish.len());
+    for env in republish {
+        let body = env.encode();
+        match llmq_producer_sdk::publish_job(channel, topology, &env, body).await {
+            Ok(()) => published.push(env.id.0),
+            Err(e) => {
+                tracing::warn!(job_id = %env.id, error = %e, "could not republish a repaired job; the outbox sweep will");
+            }
+        }
+    }
+    done.republished = published.len();
+    sqlx::query("UPDATE jobs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL")
+        .bind(&published)
+        .execute(pool)
+        .await?;
     Ok((done, failed))
+}
+
+/// Marks the live jobs a replica holds (deliveries it is working on: waiting for budget,
+/// calling, retrying a store step) as seen now, so the repair sweep never takes a job that
+/// is merely slow for lost. Touches only jobs not touched for `every`.
+pub async fn touch_held(
+    pool: &PgPool,
+    held: &[uuid::Uuid],
+    every: std::time::Duration,
+) -> Result<u64, sqlx::Error> {
+    if held.is_empty() {
+        return Ok(0);
+    }
+    let r = sqlx::query(
+        "UPDATE jobs SET updated_at = now()
+         WHERE id = ANY($1) AND state IN ('queued', 'waiting_budget', 'running', 'retrying')
+           AND updated_at < now() - make_interval(secs => $2)",
+    )
+    .bind(held)
+    .bind(every.as_secs_f64())
+    .execute(pool)
+    .await?;
+    Ok(r.rows_affected())
 }
