@@ -300,3 +300,25 @@ async fn sporadic_failures_from_64_concurrent_callers_never_open_it() {
         b.state("p").await
     );
 }
+
+#[tokio::test]
+async fn a_probe_from_an_earlier_round_given_back_late_frees_nothing() {
+    let b = Arc::new(Breaker::new(&breaker_settings()).unwrap());
+    half_open(&b, "s").await;
+    let stale = b.check("s").await;
+    assert!(matches!(stale, Permit::Call(Some(_))));
+    // Another probe fails: open again, then a new half-open round after the cooldown.
+    let failed = b.check("s").await;
+    b.record_call(failed, "s", Signal::Failure).await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let p1 = b.check("s").await;
+    let p2 = b.check("s").await;
+    assert!(matches!(p1, Permit::Call(Some(_))) && matches!(p2, Permit::Call(Some(_))));
+    drop(stale);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        b.check("s").await.open_for().is_some(),
+        "the stale probe's return did not free a probe of the new round"
+    );
+    drop((p1, p2));
+}

@@ -920,8 +920,9 @@ impl Worker {
     }
 
     /// A message that is not an envelope this build can run. If its job id can be read
-    /// and the job has a live record, the record is failed with the reason (so nothing
-    /// waits for it forever), then the message is dead-lettered.
+    /// and the job has a live record that no delivery is running, the record is failed
+    /// with the reason (so nothing waits for it forever), then the message is
+    /// dead-lettered.
     async fn undecodable(
         &self,
         delivery: Delivery,
@@ -940,7 +941,17 @@ impl Worker {
                     .parse::<llmq_producer_sdk::JobId>()
                     .ok()
             });
-        if let Some(id) = id {
+        let running = match id {
+            Some(id) => match self
+                .durably("read job", || store::load_state(&self.pool, id))
+                .await
+            {
+                None => return Processed::HandedBack,
+                Some(state) => state == Some(JobState::Running),
+            },
+            None => false,
+        };
+        if let Some(id) = id.filter(|_| !running) {
             let message = format!("the worker cannot read this job's message: {reason}");
             let t = Transition {
                 state: JobState::Failed,

@@ -4,15 +4,16 @@
 --
 -- KEYS[1]  the breaker's hash, e.g. "{llmq:cb:openai}"; fields: state (closed | open |
 --          half_open), open_until (ms), win_start (ms), calls, fails, probes, oks,
---          streak, probe_lease (ms)
+--          streak, probe_lease (ms), round (count of half-open rounds)
 -- ARGV     op, window_ms, min_calls, failure_ratio, cooldown_ms, fatal_cooldown_ms,
 --          max_probes, close_after, max_consecutive, probe_lease_ms [, outcome]
---   allow              -> {1, 0, state, probe}      call; probe = 1 when it is a half-open
---                                                   probe, which must come back (record
---                                                   or release)
+--   allow              -> {1, 0, state, round}      call; round > 0 when it is a probe of
+--                                                   that half-open round, which must come
+--                                                   back (record or release)
 --                         {0, retry_in_ms, state, 0} do not call
 --   record <outcome>   -> {state}   outcome: success | failure | fatal | neutral
---   release            -> {state}   a probe given back without a call
+--   release <round>    -> {state}   a probe of that round given back without a call (a
+--                                   probe of an earlier round is ignored)
 --   state              -> {state, open_ms_left}
 -- Probes are leased: a holder that died without giving its probe back (a crash) stops
 -- counting once probe_lease_ms passed since the last probe was let through, so a lost
@@ -49,12 +50,13 @@ local probes = tonumber(s.probes or '0')
 local oks = tonumber(s.oks or '0')
 local streak = tonumber(s.streak or '0')
 local probe_lease = tonumber(s.probe_lease or '0')
+local round = tonumber(s.round or '0')
 
 local function save()
   redis.call('HSET', key, 'state', state, 'open_until', string.format('%.0f', open_until),
     'win_start', string.format('%.0f', win_start), 'calls', calls, 'fails', fails,
     'probes', probes, 'oks', oks, 'streak', streak,
-    'probe_lease', string.format('%.0f', probe_lease))
+    'probe_lease', string.format('%.0f', probe_lease), 'round', round)
   redis.call('PEXPIRE', key, 86400000)
 end
 
@@ -70,6 +72,7 @@ if op == 'allow' then
       return {0, math.ceil(open_until - now), state, 0}
     end
     state, probes, oks = 'half_open', 0, 0
+    round = round + 1
   end
   if state == 'half_open' then
     if probes >= max_probes and now >= probe_lease then
@@ -82,7 +85,7 @@ if op == 'allow' then
     probes = probes + 1
     probe_lease = now + lease
     save()
-    return {1, 0, state, 1}
+    return {1, 0, state, round}
   end
   return {1, 0, state, 0}
 
@@ -120,7 +123,7 @@ elseif op == 'record' then
   return {state}
 
 elseif op == 'release' then
-  if state == 'half_open' and probes > 0 then
+  if state == 'half_open' and probes > 0 and tonumber(ARGV[11]) == round then
     probes = probes - 1
     save()
   end

@@ -122,6 +122,7 @@ impl Permit {
 pub struct ProbeLease {
     breaker: Arc<Breaker>,
     provider: String,
+    round: i64,
     armed: bool,
 }
 
@@ -131,9 +132,13 @@ impl Drop for ProbeLease {
             return;
         }
         let (breaker, provider) = (self.breaker.clone(), std::mem::take(&mut self.provider));
+        let round = self.round.to_string();
         if let Ok(rt) = tokio::runtime::Handle::try_current() {
             rt.spawn(async move {
-                if let Err(e) = breaker.eval::<Vec<String>>(&provider, "release", None).await {
+                if let Err(e) = breaker
+                    .eval::<Vec<String>>(&provider, "release", Some(&round))
+                    .await
+                {
                     warn!(error = %e, provider, "could not give back a circuit probe; its lease lapses");
                 }
             });
@@ -200,9 +205,10 @@ impl Breaker {
             .eval::<(i64, i64, String, i64)>(provider, "allow", None)
             .await
         {
-            Ok((1, _, _, probe)) => Permit::Call((probe == 1).then(|| ProbeLease {
+            Ok((1, _, _, round)) => Permit::Call((round > 0).then(|| ProbeLease {
                 breaker: self.clone(),
                 provider: provider.to_owned(),
+                round,
                 armed: true,
             })),
             Ok((_, ms, _, _)) => Permit::Open(Duration::from_millis(ms.max(0).unsigned_abs())),
