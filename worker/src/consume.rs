@@ -1165,15 +1165,13 @@ fn fill_failure(ev: &mut AttemptRecord, f: &Failure, outcome: &'static str) {
     ev.provider_request_id.clone_from(&f.request_id);
 }
 
-/// A data, constraint or statement error: retrying the same step cannot succeed.
+/// A data or constraint error (SQLSTATE classes 22 and 23): this job's data, which
+/// retrying cannot change. (Statement errors, class 42, come from the deployment, a
+/// missing migration or privilege, and are retried until it is fixed.)
 fn refused_data(e: &sqlx::Error) -> bool {
     e.as_database_error()
         .and_then(|d| d.code())
-        .is_some_and(|code| {
-            ["22", "23", "42"]
-                .iter()
-                .any(|class| code.starts_with(class))
-        })
+        .is_some_and(|code| code.starts_with("22") || code.starts_with("23"))
 }
 
 /// The record moved on without this delivery (finished, cancelled, or taken over by a
@@ -1321,7 +1319,7 @@ async fn consume_session(
         admission,
         breaker,
         live: crate::live::LiveText::new(settings)?,
-        cancels: crate::live::Cancels::start(&connection, &topology, listeners).await?,
+        cancels: crate::live::Cancels::start(&connection, &topology, listeners.clone()).await?,
         metrics: metrics.clone(),
         held: Arc::new(Held::default()),
     });
@@ -1337,12 +1335,18 @@ async fn consume_session(
     let tracker = TaskTracker::new();
     let session = shutdown.child_token();
     let connection = Arc::new(connection);
+    let repair_after = Duration::from_secs(settings.worker.repair_after_secs.max(1));
+    tokio::spawn(heartbeat(
+        pool.clone(),
+        worker.held.clone(),
+        repair_after,
+        listeners.clone(),
+    ));
     tracker.spawn(sweep(
         pool.clone(),
         connection.clone(),
         topology.clone(),
-        Duration::from_secs(settings.worker.repair_after_secs.max(1)),
-        worker.held.clone(),
+        repair_after,
         metrics.clone(),
         session.clone(),
     ));
@@ -1419,9 +1423,23 @@ async fn watch_queues(
     }
 }
 
+/// Every `repair_after / 3` (1..15 s), marks the jobs this replica holds as alive, so the
+/// repair sweep never takes a slow job for lost ([`store::touch_held`]). Runs until the
+/// broker session ends, drain included.
+async fn heartbeat(pool: PgPool, held: Arc<Held>, repair_after: Duration, stop: CancellationToken) {
+    let tick = (repair_after / 3).clamp(Duration::from_secs(1), Duration::from_secs(15));
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(tick) => {}
+        }
+        if let Err(e) = store::touch_held(&pool, &held.ids(), tick).await {
+            warn!(error = %e, "could not mark held jobs as alive; will retry");
+        }
+    }
+}
+
 /// The sweeps that keep every live job moving, on their own confirm-mode channel:
-/// - every tick (`repair_after / 3`, 1..15 s), touches the jobs this replica holds, so
-///   a slow job is never taken for lost ([`store::touch_held`]);
 /// - every 15 s, publishes jobs a producer recorded but never published (the outbox);
 /// - every tick, republishes live jobs nobody touched for `repair_after` (their message
 ///   was lost), or fails them after a few losses ([`store::repair_lost`]); while the work
@@ -1431,7 +1449,6 @@ async fn sweep(
     connection: Arc<lapin::Connection>,
     topology: Topology,
     repair_after: Duration,
-    held: Arc<Held>,
     metrics: Arc<crate::metrics::Metrics>,
     stop: CancellationToken,
 ) {
@@ -1442,9 +1459,6 @@ async fn sweep(
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(tick) => {}
-        }
-        if let Err(e) = store::touch_held(&pool, &held.ids(), tick).await {
-            warn!(error = %e, "could not mark held jobs as alive; will retry");
         }
         if link.as_ref().is_none_or(|(ch, _)| !ch.status().connected()) {
             link = match sweep_channel(&connection, &topology).await {

@@ -94,7 +94,8 @@ async fn hold(
 ) -> Result<bool, sqlx::Error> {
     let changed: Option<uuid::Uuid> = sqlx::query_scalar(
         "WITH j AS (
-            UPDATE jobs SET state = $4, expected_start_at = $2, updated_at = now()
+            UPDATE jobs SET state = $4, expected_start_at = $2,
+                            published_at = coalesce(published_at, now()), updated_at = now()
             WHERE id = $1 AND (state IN ('queued', 'waiting_budget', 'retrying')
                                OR ($3 AND state = 'running'))
             RETURNING id, attempts)
@@ -186,6 +187,7 @@ pub async fn record<'e>(
                             error_class = coalesce($4, error_class),
                             error_message = coalesce($5, error_message),
                             finished_at = CASE WHEN $6 THEN now() ELSE finished_at END,
+                            published_at = coalesce(published_at, now()),
                             expected_start_at = CASE WHEN $2 = 'retrying'
                                 THEN ($25::jsonb ->> 'next_attempt_at')::timestamptz
                                 ELSE expected_start_at END,
@@ -251,7 +253,8 @@ pub async fn record_if_exists(
 }
 
 /// Publishes jobs whose producer recorded them but died before publishing (the outbox
-/// sweep): queued, never confirmed, older than `min_age`. Rows are locked while published,
+/// sweep): queued, never confirmed, older than `min_age` and unchanged for as long (a job
+/// the repair sweep just reset is left to the replica that reset it). Rows are locked while published,
 /// so concurrent sweeps on other replicas skip them.
 pub async fn publish_orphans(
     pool: &PgPool,
@@ -267,6 +270,7 @@ pub async fn publish_orphans(
         "SELECT id, envelope FROM jobs
          WHERE published_at IS NULL AND state = 'queued'
            AND created_at < now() - make_interval(secs => $1)
+           AND updated_at < now() - make_interval(secs => $1)
          ORDER BY created_at LIMIT 100
          FOR UPDATE SKIP LOCKED",
     )
@@ -402,9 +406,30 @@ pub async fn repair_lost(
     }
     tx.commit().await?;
 
-    let mut done = Repaired {
+    let mut published = Vec::with_capacity(republish.len());
+    for env in republish {
+        let body = env.encode();
+        match llmq_producer_sdk::publish_job(channel, topology, &env, body).await {
+            Ok(()) => published.push(env.id.0),
+            Err(e) => {
+                tracing::warn!(job_id = %env.id, error = %e, "could not republish a repaired job; the outbox sweep will");
+            }
+        }
+    }
+    if let Err(e) = sqlx::query(
+        "UPDATE jobs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL",
+    )
+    .bind(&published)
+    .execute(pool)
+    .await
+    {
+        // Harmless: a claim sets it too, and the outbox sweep's copy would be a duplicate
+        // that claims turn away.
+        tracing::warn!(error = %e, "could not mark repaired jobs published");
+    }
+    let done = Repaired {
+        republished: published.len(),
         failed: dead.len(),
-        ..Repaired::default()
     };
     let mut failed = Vec::with_capacity(dead.len());
     for (id, tenant, envelope, message) in dead {
@@ -418,21 +443,6 @@ pub async fn repair_lost(
         }
         failed.push((id, tenant));
     }
-    let mut published = Vec::with_capacity(republish.len());
-    for env in republish {
-        let body = env.encode();
-        match llmq_producer_sdk::publish_job(channel, topology, &env, body).await {
-            Ok(()) => published.push(env.id.0),
-            Err(e) => {
-                tracing::warn!(job_id = %env.id, error = %e, "could not republish a repaired job; the outbox sweep will");
-            }
-        }
-    }
-    done.republished = published.len();
-    sqlx::query("UPDATE jobs SET published_at = now() WHERE id = ANY($1) AND published_at IS NULL")
-        .bind(&published)
-        .execute(pool)
-        .await?;
     Ok((done, failed))
 }
 
@@ -449,8 +459,11 @@ pub async fn touch_held(
     }
     let r = sqlx::query(
         "UPDATE jobs SET updated_at = now()
-         WHERE id = ANY($1) AND state IN ('queued', 'waiting_budget', 'running', 'retrying')
-           AND updated_at < now() - make_interval(secs => $2)",
+         WHERE id IN (SELECT id FROM jobs
+                      WHERE id = ANY($1)
+                        AND state IN ('queued', 'waiting_budget', 'running', 'retrying')
+                        AND updated_at < now() - make_interval(secs => $2)
+                      FOR UPDATE SKIP LOCKED)",
     )
     .bind(held)
     .bind(every.as_secs_f64())
