@@ -92,6 +92,55 @@ pub struct Worker {
     cancels: Arc<crate::live::Cancels>,
     metrics: Arc<crate::metrics::Metrics>,
     held: Arc<Held>,
+    owed: Arc<OwedEvents>,
+}
+
+/// Terminal events whose publish failed (the broker was away when the job ended): sent
+/// again by the sweep once a channel works, so a job that finished during a broker
+/// restart still gets its one terminal event. Kept across broker sessions, in memory
+/// (a replica that dies loses them; the record holds every outcome), at most
+/// [`OwedEvents::MAX`].
+#[derive(Default)]
+struct OwedEvents(std::sync::Mutex<Vec<JobEvent>>);
+
+impl OwedEvents {
+    const MAX: usize = 100_000;
+
+    fn push(&self, event: JobEvent) {
+        if let Ok(mut owed) = self.0.lock() {
+            if owed.len() < Self::MAX {
+                owed.push(event);
+            }
+        }
+    }
+
+    fn take(&self) -> Vec<JobEvent> {
+        self.0
+            .lock()
+            .map(|mut owed| std::mem::take(&mut *owed))
+            .unwrap_or_default()
+    }
+
+    /// Publishes what is owed; what still fails stays owed.
+    async fn settle(&self, publisher: &Publisher) {
+        let owed = self.take();
+        if owed.is_empty() {
+            return;
+        }
+        let n = owed.len();
+        let mut sent = 0;
+        for event in owed {
+            match publisher.event(&event).await {
+                Ok(()) => sent += 1,
+                Err(_) => self.push(event),
+            }
+        }
+        info!(
+            sent,
+            of = n,
+            "published terminal events owed since the broker was away"
+        );
+    }
 }
 
 /// The jobs whose deliveries this replica is working on, for the repair sweep's
@@ -1025,7 +1074,12 @@ impl Worker {
             ..JobEvent::new(env.id, env.tenant.clone(), state, attempt)
         };
         if let Err(e) = self.publisher.event(&event).await {
-            warn!(error = %e, "could not publish the job event; the record is durable");
+            if state.is_terminal() {
+                warn!(error = %e, "could not publish the job's terminal event; it is sent again once the broker is back");
+                self.owed.push(event);
+            } else {
+                warn!(error = %e, "could not publish the job event; the record is durable");
+            }
         }
     }
 
@@ -1252,17 +1306,16 @@ pub async fn run_with(
         admission.clone(),
         shutdown.child_token(),
     ));
+    let replica = Replica {
+        providers,
+        admission,
+        breaker,
+        metrics,
+        owed: Arc::new(OwedEvents::default()),
+    };
     let mut pause = Duration::from_millis(500);
     loop {
-        match consume_session(
-            &settings,
-            &pool,
-            providers.clone(),
-            admission.clone(),
-            breaker.clone(),
-            metrics.clone(),
-            &shutdown,
-        )
+        match consume_session(&settings, &pool, &replica, &shutdown)
         .await
         {
             Ok(()) => return Ok(()),
@@ -1286,15 +1339,28 @@ pub async fn run_with(
     }
 }
 
-async fn consume_session(
-    settings: &Settings,
-    pool: &PgPool,
+/// What a replica keeps across broker sessions.
+struct Replica {
     providers: Arc<BTreeMap<String, Arc<dyn Provider>>>,
     admission: Arc<Admission>,
     breaker: Arc<Breaker>,
     metrics: Arc<crate::metrics::Metrics>,
+    owed: Arc<OwedEvents>,
+}
+
+async fn consume_session(
+    settings: &Settings,
+    pool: &PgPool,
+    replica: &Replica,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<()> {
+    let Replica {
+        providers,
+        admission,
+        breaker,
+        metrics,
+        owed,
+    } = replica;
     let topology = Topology::new(settings.queue_prefix.clone());
     let connection =
         llmq_producer_sdk::connect_amqp(settings.amqp_url.expose_secret(), "llmq-worker").await?;
@@ -1311,17 +1377,18 @@ async fn consume_session(
     let worker = Arc::new(Worker {
         pool: pool.clone(),
         publisher,
-        providers,
+        providers: providers.clone(),
         default_provider: settings.default_provider.clone(),
         retry_base: Duration::from_millis(settings.worker.retry_base_ms),
         retry_cap: Duration::from_millis(settings.worker.retry_cap_ms),
         hard_stop: hard_stop.clone(),
-        admission,
-        breaker,
+        admission: admission.clone(),
+        breaker: breaker.clone(),
         live: crate::live::LiveText::new(settings)?,
         cancels: crate::live::Cancels::start(&connection, &topology, listeners.clone()).await?,
         metrics: metrics.clone(),
         held: Arc::new(Held::default()),
+        owed: owed.clone(),
     });
     let mut consumer = channel
         .basic_consume(
@@ -1347,6 +1414,7 @@ async fn consume_session(
         connection.clone(),
         topology.clone(),
         repair_after,
+        owed.clone(),
         metrics.clone(),
         session.clone(),
     ));
@@ -1440,6 +1508,7 @@ async fn heartbeat(pool: PgPool, held: Arc<Held>, repair_after: Duration, stop: 
 }
 
 /// The sweeps that keep every live job moving, on their own confirm-mode channel:
+/// - every tick, terminal events owed since the broker was away ([`OwedEvents`]);
 /// - every 15 s, publishes jobs a producer recorded but never published (the outbox);
 /// - every tick, republishes live jobs nobody touched for `repair_after` (their message
 ///   was lost), or fails them after a few losses ([`store::repair_lost`]); while the work
@@ -1449,6 +1518,7 @@ async fn sweep(
     connection: Arc<lapin::Connection>,
     topology: Topology,
     repair_after: Duration,
+    owed: Arc<OwedEvents>,
     metrics: Arc<crate::metrics::Metrics>,
     stop: CancellationToken,
 ) {
@@ -1472,6 +1542,7 @@ async fn sweep(
         let Some((channel, publisher)) = link.as_ref() else {
             continue;
         };
+        owed.settle(publisher).await;
         if last_orphans.elapsed() >= Duration::from_secs(15) {
             last_orphans = Instant::now();
             match store::publish_orphans(&pool, channel, &topology, Duration::from_secs(30)).await {
