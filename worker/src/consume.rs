@@ -1315,9 +1315,7 @@ pub async fn run_with(
     };
     let mut pause = Duration::from_millis(500);
     loop {
-        match consume_session(&settings, &pool, &replica, &shutdown)
-        .await
-        {
+        match consume_session(&settings, &pool, &replica, &shutdown).await {
             Ok(()) => return Ok(()),
             Err(e) if shutdown.is_cancelled() => {
                 warn!(error = %e, "broker error during shutdown");
