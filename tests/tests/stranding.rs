@@ -52,18 +52,23 @@ async fn hold_and_claim(app: &llmq_tests::TestApp, id: JobId) -> lapin::Connecti
     conn
 }
 
-fn slow_budget(s: &mut llmq_worker::Settings, _mock: &str) {
-    // 6 RPM paced per second: with no state the bucket starts empty, so the first slot is
-    // about 10 s away, past max_wait.
-    s.admission.max_wait_secs = 1;
+/// `rpm` paced per second (the bucket holds one request), with `max_wait_secs`.
+fn paced_budget(s: &mut llmq_worker::Settings, rpm: u64, max_wait_secs: u64) {
+    s.admission.max_wait_secs = max_wait_secs;
     if let Some(p) = s.providers.get_mut("openai") {
         p.rate_limit = Some(RateLimitSettings {
-            rpm: Some(6),
+            rpm: Some(rpm),
             request_burst_secs: 1.0,
             token_burst_secs: 60.0,
             ..Default::default()
         });
     }
+}
+
+fn slow_budget(s: &mut llmq_worker::Settings, _mock: &str) {
+    // 6 RPM paced per second: with no state the bucket starts empty, so the first slot is
+    // about 10 s away, past max_wait.
+    paced_budget(s, 6, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -149,15 +154,7 @@ async fn a_stale_holder_records_and_publishes_nothing_after_a_takeover() {
 
 fn slow_budget_long_wait(s: &mut llmq_worker::Settings, _mock: &str) {
     // 12 RPM paced per second: the first slot is about 5 s away, within max_wait.
-    s.admission.max_wait_secs = 60;
-    if let Some(p) = s.providers.get_mut("openai") {
-        p.rate_limit = Some(RateLimitSettings {
-            rpm: Some(12),
-            request_burst_secs: 1.0,
-            token_burst_secs: 60.0,
-            ..Default::default()
-        });
-    }
+    paced_budget(s, 12, 60);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

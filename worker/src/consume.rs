@@ -460,16 +460,12 @@ impl Worker {
                                 .await
                             {
                                 None => {
-                                    self.admission
-                                        .settle(id, 0, &r, &vec![0; r.amounts.len()], &[])
-                                        .await;
+                                    self.admission.give_back(id, &r).await;
                                     return Processed::HandedBack;
                                 }
                                 Some(false) => {
                                     // Cancelled (or finished elsewhere) meanwhile.
-                                    self.admission
-                                        .settle(id, 0, &r, &vec![0; r.amounts.len()], &[])
-                                        .await;
+                                    self.admission.give_back(id, &r).await;
                                     ack(&delivery).await;
                                     return Processed::AlreadyFinished;
                                 }
@@ -478,12 +474,12 @@ impl Worker {
                             self.emit_progress(&env, JobState::WaitingBudget, 0);
                             tokio::select! {
                                 () = self.hard_stop.cancelled() => {
-                                    self.admission.settle(id, 0, &r, &vec![0; r.amounts.len()], &[]).await;
+                                    self.admission.give_back(id, &r).await;
                                     return Processed::HandedBack;
                                 }
                                 () = watch.token.cancelled() => {
                                     info!("cancelled while waiting for budget; reservation returned");
-                                    self.admission.settle(id, 0, &r, &vec![0; r.amounts.len()], &[]).await;
+                                    self.admission.give_back(id, &r).await;
                                     ack(&delivery).await;
                                     return Processed::AlreadyFinished;
                                 }
@@ -492,9 +488,7 @@ impl Worker {
                             let paused = self.admission.pause_left(scope).await;
                             if !paused.is_zero() {
                                 // A 429 paused the fleet while we waited: this slot is void.
-                                self.admission
-                                    .settle(id, 0, &r, &vec![0; r.amounts.len()], &[])
-                                    .await;
+                                self.admission.give_back(id, &r).await;
                                 tokio::select! {
                                     () = self.hard_stop.cancelled() => return Processed::HandedBack,
                                     () = watch.token.cancelled() => {
@@ -516,9 +510,7 @@ impl Worker {
         if env.deadline.is_some_and(|d| d <= Utc::now()) {
             // The budget wait outlasted the deadline: the slot goes back unused.
             if let Some(r) = &reservation {
-                self.admission
-                    .settle(id, 0, r, &vec![0; r.amounts.len()], &[])
-                    .await;
+                self.admission.give_back(id, r).await;
             }
             let message = "deadline passed while the job waited for rate-limit budget";
             if !self
@@ -537,17 +529,13 @@ impl Worker {
             .await
         else {
             if let Some(r) = &reservation {
-                self.admission
-                    .settle(id, 0, r, &vec![0; r.amounts.len()], &[])
-                    .await;
+                self.admission.give_back(id, r).await;
             }
             return Processed::HandedBack;
         };
         let Some(attempt) = claimed else {
             if let Some(r) = &reservation {
-                self.admission
-                    .settle(id, 0, r, &vec![0; r.amounts.len()], &[])
-                    .await;
+                self.admission.give_back(id, r).await;
             }
             info!("another delivery owns this job, or it just finished; acking this copy");
             ack(&delivery).await;
@@ -1019,17 +1007,15 @@ impl Worker {
                 None => return Processed::HandedBack,
                 Some(Some(tenant)) => {
                     warn!(job_id = %id, class, "failed a job whose message cannot be decoded");
-                    let event = JobEvent {
-                        error: Some(ErrorSummary {
-                            class: class.to_owned(),
-                            message: message.clone(),
-                        }),
-                        ..JobEvent::new(id, tenant, JobState::Failed, 0)
-                    };
-                    self.count_terminal(JobState::Failed, class);
-                    if let Err(e) = self.publisher.event(&event).await {
-                        warn!(error = %e, "could not publish the job event; the record is durable");
-                    }
+                    self.emit_to(
+                        id,
+                        &tenant,
+                        JobState::Failed,
+                        0,
+                        None,
+                        Some((class, &message)),
+                    )
+                    .await;
                 }
                 Some(None) => {}
             }
@@ -1062,6 +1048,21 @@ impl Worker {
         result: Option<CompletionResult>,
         error: Option<(&str, &str)>,
     ) {
+        self.emit_to(env.id, &env.tenant, state, attempt, result, error)
+            .await;
+    }
+
+    /// Publishes a transition of job `id` of `tenant` (counting it when terminal; a
+    /// terminal event that cannot be published now is owed, [`OwedEvents`]).
+    async fn emit_to(
+        &self,
+        id: llmq_producer_sdk::JobId,
+        tenant: &str,
+        state: JobState,
+        attempt: u32,
+        result: Option<CompletionResult>,
+        error: Option<(&str, &str)>,
+    ) {
         if state.is_terminal() {
             self.count_terminal(state, error.map_or("none", |(c, _)| c));
         }
@@ -1071,7 +1072,7 @@ impl Worker {
                 class: c.to_owned(),
                 message: m.to_owned(),
             }),
-            ..JobEvent::new(env.id, env.tenant.clone(), state, attempt)
+            ..JobEvent::new(id, tenant.to_owned(), state, attempt)
         };
         if let Err(e) = self.publisher.event(&event).await {
             if state.is_terminal() {
@@ -1597,8 +1598,8 @@ async fn sweep(
                         }),
                         ..JobEvent::new(id, tenant, JobState::Failed, 0)
                     };
-                    if let Err(e) = publisher.event(&event).await {
-                        warn!(error = %e, "could not publish the job event; the record is durable");
+                    if publisher.event(&event).await.is_err() {
+                        owed.push(event);
                     }
                 }
             }

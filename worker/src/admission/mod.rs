@@ -323,6 +323,11 @@ impl Admission {
         self.local_scope(scope).pause_left()
     }
 
+    /// Gives a reservation back whole: the job leaves without calling the provider.
+    pub async fn give_back(&self, job: JobId, r: &Reservation) {
+        self.settle(job, 0, r, &vec![0; r.amounts.len()], &[]).await;
+    }
+
     /// Settles a reservation against what the call used (`actual`, per dimension; all
     /// zeros when the call never reached the provider) and the provider's remaining
     /// counts. Idempotent per job and attempt.
