@@ -7,16 +7,24 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::faults::Injected;
-use crate::limits::{Decision, Dim, KeyBuckets};
+use crate::limits::{Charge, Dim, KeyBuckets, Refusal};
 use crate::{reply, request_id, tokens, AppState};
 
-/// `anthropic-ratelimit-*` headers (resets as RFC 3339 instants).
-fn ratelimit_headers(h: &mut HeaderMap, b: &KeyBuckets) {
+/// `anthropic-ratelimit-*` headers (resets as RFC 3339 instants): requests (the minute
+/// window, even when a shorter one is enforced too), input and output tokens, and
+/// `tokens-*` for whichever of those two has the least room (the most restrictive).
+fn ratelimit_headers(b: &KeyBuckets) -> HeaderMap {
+    let mut h = HeaderMap::new();
     let now = chrono_like_now();
+    let tokens = [&b.input, &b.output]
+        .into_iter()
+        .flatten()
+        .min_by_key(|t| t.remaining());
     for (name, bucket) in [
-        ("requests", &b.requests),
-        ("input-tokens", &b.input),
-        ("output-tokens", &b.output),
+        ("requests", b.requests.as_ref()),
+        ("input-tokens", b.input.as_ref()),
+        ("output-tokens", b.output.as_ref()),
+        ("tokens", tokens),
     ] {
         let Some(bucket) = bucket else { continue };
         let reset = rfc3339(now + bucket.reset_in());
@@ -40,6 +48,7 @@ fn ratelimit_headers(h: &mut HeaderMap, b: &KeyBuckets) {
             }
         }
     }
+    h
 }
 
 fn chrono_like_now() -> std::time::SystemTime {
@@ -198,60 +207,25 @@ pub(crate) async fn messages(
             last_user = content;
         }
     }
-    let mut limit_headers = HeaderMap::new();
-    let decision = match state.limiter.lock() {
-        Ok(mut l)
-            if l.limits.rpm.is_some()
-                || l.limits.input_tpm.is_some()
-                || l.limits.output_tpm.is_some() =>
-        {
-            let d = l.admit(&key, 0, input_tokens, max_tokens);
-            if let Some(b) = l.buckets(&key) {
-                ratelimit_headers(&mut limit_headers, b);
-            }
-            d
+    let admission = state.admit(
+        &key,
+        model,
+        Charge {
+            input: input_tokens,
+            output: max_tokens,
+            ..Charge::default()
+        },
+    );
+    let limit_headers = ratelimit_headers(&admission.buckets);
+    let slot = match admission.decision {
+        Ok(slot) => slot,
+        Err(refused) => {
+            let mut r = refusal(refused, model);
+            r.headers_mut().extend(limit_headers);
+            return r;
         }
-        _ => Decision::Admitted,
     };
-    match decision {
-        Decision::Admitted => {}
-        Decision::TooLarge { dim, requested } => {
-            count(None);
-            let mut r = error(
-                StatusCode::BAD_REQUEST,
-                "invalid_request_error",
-                &format!(
-                    "prompt is too long: {requested} tokens > the {} limit",
-                    dim_name(dim)
-                ),
-            );
-            r.headers_mut().extend(limit_headers);
-            return r;
-        }
-        Decision::Limited { dim, wait, .. } => {
-            if let Ok(mut s) = state.stats.lock() {
-                s.count_limited(&key);
-            }
-            let limit = state
-                .limiter
-                .lock()
-                .ok()
-                .and_then(|l| match dim {
-                    Dim::Requests => l.limits.rpm,
-                    Dim::Input => l.limits.input_tpm,
-                    _ => l.limits.output_tpm,
-                })
-                .unwrap_or(0);
-            let msg = format!("This request would exceed the rate limit for your organization (org-mock) of {limit} {} per minute. For details, refer to: https://docs.claude.com/en/api/rate-limits. You can see the response headers for current usage. Please reduce the prompt length or the maximum tokens requested, or try again later.", dim_name(dim));
-            let mut r = error(StatusCode::TOO_MANY_REQUESTS, "rate_limit_error", &msg);
-            r.headers_mut().extend(limit_headers);
-            if let Ok(v) = HeaderValue::from_str(&wait.as_secs_f64().ceil().max(1.0).to_string()) {
-                r.headers_mut().insert("retry-after", v);
-            }
-            return r;
-        }
-    }
-    state.log_admitted(input_tokens + max_tokens);
+    state.log_admitted(input_tokens + max_tokens, model);
     if !state.config.latency.is_zero() {
         tokio::time::sleep(state.config.latency).await;
     }
@@ -274,7 +248,7 @@ pub(crate) async fn messages(
         };
         let mut ok = crate::stream::respond(plan, &rid);
         ok.headers_mut().extend(limit_headers);
-        return ok;
+        return crate::hold(ok, slot);
     }
     let mut ok = respond(
         StatusCode::OK,
@@ -291,7 +265,52 @@ pub(crate) async fn messages(
         &rid,
     );
     ok.headers_mut().extend(limit_headers);
-    ok
+    crate::hold(ok, slot)
+}
+
+/// The answer to a request the limiter refused, as Anthropic words it: 429
+/// `rate_limit_error` naming the limit per minute with `retry-after` (a request larger
+/// than a bucket could ever hold is a 400).
+fn refusal(refused: Refusal, model: &str) -> Response {
+    let contact = "You may also contact sales at https://claude.com/contact-sales to discuss your options for a rate limit increase.";
+    match refused {
+        Refusal::Busy { limit } => error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            &format!("Number of concurrent connections has exceeded your rate limit of {} concurrent requests (org: org-mock, model: {model}). Please try again later. {contact}", thousands(limit)),
+        ),
+        Refusal::TooLarge { dim, requested, .. } => error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            &format!("prompt is too long: {requested} tokens > the {} limit", dim_name(dim)),
+        ),
+        Refusal::Limited { dim, wait, limit, .. } => {
+            let mut r = error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                &format!("This request would exceed your organization's rate limit of {} {} per minute (org: org-mock, model: {model}). For details, refer to: https://docs.claude.com/en/api/rate-limits. You can see the response headers for current usage. Please reduce the prompt length or the maximum tokens requested, or try again later. {contact}", thousands(limit), dim_name(dim)),
+            );
+            if let Ok(v) = HeaderValue::from_str(&wait.as_secs_f64().ceil().max(1.0).to_string()) {
+                r.headers_mut().insert("retry-after", v);
+            }
+            r
+        }
+    }
+}
+
+/// `1234567` as `1,234,567`, as Anthropic writes its limits.
+fn thousands(n: u64) -> String {
+    let digits = n.to_string();
+    let mut rest = digits.as_str();
+    let mut groups = Vec::new();
+    while rest.len() > 3 {
+        let (head, group) = rest.split_at(rest.len() - 3);
+        groups.push(group);
+        rest = head;
+    }
+    groups.push(rest);
+    groups.reverse();
+    groups.join(",")
 }
 
 /// The events of a streamed message, as Anthropic sends them: `message_start` (with the

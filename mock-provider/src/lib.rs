@@ -9,7 +9,8 @@
 //! - `openai`: `POST /v1/chat/completions`, also `"stream": true` (SSE chunks, a usage
 //!   chunk with `stream_options.include_usage`, then `data: [DONE]`).
 //! - `anthropic`: `POST /v1/messages`.
-//! - `limits` ([`Limits`]): RPM/TPM per key, with the providers' 429 bodies and headers.
+//! - `limits` ([`Limits`]): RPM/TPM per key (or per key and model), optionally also per
+//!   second, and a cap on requests in flight, with the providers' 429 bodies and headers.
 //! - `faults` ([`Faults`]): 5xx, overload, resets, truncated bodies, stalls, per-key
 //!   quota/auth failures, a context window, and hostile answers (huge multi-byte error
 //!   bodies, verbatim `retry-after`, endless bodies, streams cut mid-event, hangs);
@@ -69,13 +70,24 @@ pub struct MockConfig {
 }
 
 /// One admitted completion, for the fidelity benchmark: milliseconds since the mock
-/// started and the tokens charged.
-#[derive(Clone, Copy, Debug, serde::Serialize, serde::Deserialize)]
+/// started, the tokens charged and the model asked for.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub struct Admitted {
     /// When, in ms since start.
     pub at_ms: u64,
     /// Tokens charged at admission.
     pub tokens: u64,
+    /// The request's `model`.
+    #[serde(default)]
+    pub model: String,
+}
+
+/// A completion request's admission: what the limiter decided, and the buckets it was
+/// decided on (for the rate-limit headers, success or not).
+pub(crate) struct Admission {
+    /// The slot counting it in flight (hold it until the answer is over), or why not.
+    pub decision: Result<limits::Slot, limits::Refusal>,
+    pub buckets: limits::KeyBuckets,
 }
 
 /// Completion requests arrived per last user message.
@@ -149,10 +161,36 @@ impl AppState {
         self.faults.read().map(|f| f.clone()).unwrap_or_default()
     }
 
-    pub(crate) fn log_admitted(&self, tokens: u64) {
+    /// Admits one request of `key` for `model` (see [`limits::Limiter::admit`]) and counts
+    /// the outcome: refusals as answered, the in-flight peak of admissions.
+    pub(crate) fn admit(&self, key: &str, model: &str, charge: limits::Charge) -> Admission {
+        let (decision, buckets) = {
+            let mut l = self
+                .limiter
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let d = l.admit(key, model, charge);
+            (d, l.buckets(key, model).cloned().unwrap_or_default())
+        };
+        if let Ok(mut s) = self.stats.lock() {
+            match &decision {
+                Ok(slot) => s.saw_in_flight(key, slot.in_flight),
+                Err(limits::Refusal::Limited { dim, .. }) => s.count_limited(key, dim.name()),
+                Err(limits::Refusal::Busy { .. }) => s.count_limited(key, "concurrent"),
+                Err(limits::Refusal::TooLarge { .. }) => s.count(key, None),
+            }
+        }
+        Admission { decision, buckets }
+    }
+
+    pub(crate) fn log_admitted(&self, tokens: u64, model: &str) {
         let at_ms = u64::try_from(self.started.elapsed().as_millis()).unwrap_or(u64::MAX);
         if let Ok(mut log) = self.admitted.lock() {
-            log.push(Admitted { at_ms, tokens });
+            log.push(Admitted {
+                at_ms,
+                tokens,
+                model: model.to_owned(),
+            });
         }
     }
 
@@ -253,10 +291,15 @@ async fn around_completion(State(state): State<AppState>, req: Request, next: Ne
     let guard = InFlight::enter(&state.in_flight);
     let mut resp = next.run(req).await;
     state.faults().override_retry_after(&mut resp);
+    hold(resp, guard)
+}
+
+/// `resp` keeping `guard` until its body is over: dropped now when the body is already
+/// complete, else with the streamed body (when it ends or is dropped with its connection).
+pub(crate) fn hold<G: Send + 'static>(resp: Response, guard: G) -> Response {
     if resp.body().size_hint().exact().is_some() {
         return resp;
     }
-    // A streamed body: the guard goes with the stream.
     let (parts, body) = resp.into_parts();
     let stream = futures_util::stream::unfold(
         (body.into_data_stream(), guard),

@@ -33,9 +33,16 @@ struct Cli {
     /// Anthropic output tokens per minute per key.
     #[arg(long, env = "MOCK_OUTPUT_TPM")]
     output_tpm: Option<u64>,
-    /// Enforce requests per second (RPM/60 per second), as providers may.
+    /// Also enforce requests per second (RPM/60 per second), as providers may.
     #[arg(long, env = "MOCK_PER_SECOND")]
     per_second: bool,
+    /// Limits per key and model (as OpenAI and Anthropic) instead of per key.
+    #[arg(long, env = "MOCK_PER_MODEL")]
+    per_model: bool,
+    /// At most this many requests in flight at once per key (per key and model with
+    /// --per-model); more are answered 429.
+    #[arg(long, env = "MOCK_MAX_CONCURRENT")]
+    max_concurrent: Option<u64>,
     /// Token buckets hold this many seconds' worth (default 60).
     #[arg(long, env = "MOCK_TOKEN_BURST_SECS")]
     token_burst_secs: Option<f64>,
@@ -138,7 +145,8 @@ async fn main() -> anyhow::Result<()> {
         limits: (cli.rpm.is_some()
             || cli.tpm.is_some()
             || cli.input_tpm.is_some()
-            || cli.output_tpm.is_some())
+            || cli.output_tpm.is_some()
+            || cli.max_concurrent.is_some())
         .then_some(Limits {
             rpm: cli.rpm,
             tpm: cli.tpm,
@@ -146,6 +154,8 @@ async fn main() -> anyhow::Result<()> {
             output_tpm: cli.output_tpm,
             per_second: cli.per_second,
             token_burst_secs: cli.token_burst_secs,
+            per_model: cli.per_model,
+            max_concurrent: cli.max_concurrent,
         }),
     };
     let handle = spawn(&cli.bind, config).await?;

@@ -7,13 +7,13 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{json, Value};
 
 use crate::faults::Injected;
-use crate::limits::{openai_duration, Decision, Dim, KeyBuckets};
+use crate::limits::{openai_duration, Charge, Dim, KeyBuckets, Refusal};
 use crate::{reply, request_id, tokens, AppState};
 
-/// `x-ratelimit-*` headers as OpenAI sends them on every response.
-fn ratelimit_headers(resp: &mut Response, buckets: Option<&KeyBuckets>) {
-    let Some(b) = buckets else { return };
-    let h = resp.headers_mut();
+/// `x-ratelimit-*` headers as OpenAI sends them on every response (requests: the minute
+/// window, even when a shorter one is enforced too).
+fn ratelimit_headers(b: &KeyBuckets) -> HeaderMap {
+    let mut h = HeaderMap::new();
     for (name, bucket) in [("requests", &b.requests), ("tokens", &b.tokens)] {
         let Some(bucket) = bucket else { continue };
         let pairs = [
@@ -39,6 +39,7 @@ fn ratelimit_headers(resp: &mut Response, buckets: Option<&KeyBuckets>) {
             }
         }
     }
+    h
 }
 
 fn respond(status: StatusCode, body: Value, started: std::time::Instant) -> Response {
@@ -206,76 +207,24 @@ pub(crate) async fn chat_completions(
     }
     // Admission: the prompt plus max_tokens, charged up front as OpenAI does.
     let charged = prompt_tokens + max_tokens.unwrap_or(0);
-    let (decision, mut limit_headers) = match state.limiter.lock() {
-        Ok(mut l) if l.limits.rpm.is_some() || l.limits.tpm.is_some() => {
-            let d = l.admit(&key, charged, 0, 0);
-            let mut probe = Response::new(axum::body::Body::empty());
-            ratelimit_headers(&mut probe, l.buckets(&key));
-            (d, Some(probe.headers().clone()))
+    let admission = state.admit(
+        &key,
+        model,
+        Charge {
+            tokens: charged,
+            ..Charge::default()
+        },
+    );
+    let limit_headers = ratelimit_headers(&admission.buckets);
+    let slot = match admission.decision {
+        Ok(slot) => slot,
+        Err(refused) => {
+            let mut r = refusal(refused, model, started);
+            r.headers_mut().extend(limit_headers);
+            return r;
         }
-        _ => (Decision::Admitted, None),
     };
-    match decision {
-        Decision::Admitted => {}
-        Decision::TooLarge { dim, requested } => {
-            count(None);
-            let (what, limit) = dim_words(&state, dim);
-            let msg = format!("Request too large for {model} in organization org-mock on {what}: Limit {limit}, Requested {requested}. The input or output tokens must be reduced in order to run successfully. Visit https://platform.openai.com/account/rate-limits to learn more.");
-            let mut r = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                &msg,
-                "tokens",
-                None,
-                Some("rate_limit_exceeded"),
-                started,
-            );
-            extend(&mut r, limit_headers.take());
-            return r;
-        }
-        Decision::Limited {
-            dim,
-            wait,
-            requested,
-        } => {
-            if let Ok(mut s) = state.stats.lock() {
-                s.count_limited(&key);
-            }
-            let (what, limit) = dim_words(&state, dim);
-            let used = state.limiter.lock().ok().and_then(|l| {
-                l.buckets(&key).and_then(|b| match dim {
-                    Dim::Requests => b.requests.as_ref().map(|x| x.used()),
-                    _ => b.tokens.as_ref().map(|x| x.used()),
-                })
-            });
-            let kind = if dim == Dim::Requests {
-                "requests"
-            } else {
-                "tokens"
-            };
-            let msg = format!(
-                "Rate limit reached for {model} in organization org-mock on {what}: Limit {limit}, Used {}, Requested {requested}. Please try again in {}. Visit https://platform.openai.com/account/rate-limits to learn more.",
-                used.unwrap_or(limit), openai_duration(wait)
-            );
-            let mut r = error(
-                StatusCode::TOO_MANY_REQUESTS,
-                &msg,
-                kind,
-                None,
-                Some("rate_limit_exceeded"),
-                started,
-            );
-            extend(&mut r, limit_headers.take());
-            let h = r.headers_mut();
-            if let Ok(v) = HeaderValue::from_str(&wait.as_secs_f64().ceil().max(1.0).to_string()) {
-                h.insert("retry-after", v);
-            }
-            if let Ok(v) = HeaderValue::from_str(&wait.as_millis().max(1).to_string()) {
-                h.insert("retry-after-ms", v);
-            }
-            return r;
-        }
-    }
-    state.log_admitted(charged);
+    state.log_admitted(charged, model);
     if !state.config.latency.is_zero() {
         tokio::time::sleep(state.config.latency).await;
     }
@@ -313,8 +262,8 @@ pub(crate) async fn chat_completions(
         if let Ok(v) = HeaderValue::from_str(&started.elapsed().as_millis().to_string()) {
             ok.headers_mut().insert("openai-processing-ms", v);
         }
-        extend(&mut ok, limit_headers);
-        return ok;
+        ok.headers_mut().extend(limit_headers);
+        return crate::hold(ok, slot);
     }
     let mut ok = respond(
         StatusCode::OK,
@@ -338,26 +287,68 @@ pub(crate) async fn chat_completions(
         }),
         started,
     );
-    extend(&mut ok, limit_headers);
-    ok
+    ok.headers_mut().extend(limit_headers);
+    crate::hold(ok, slot)
 }
 
-fn extend(resp: &mut Response, headers: Option<HeaderMap>) {
-    if let Some(h) = headers {
-        resp.headers_mut().extend(h);
+/// The 429 for a request the limiter refused, as OpenAI words it: `error.type` names the
+/// dimension (`requests` or `tokens`), `retry-after(-ms)` when it would fit.
+fn refusal(refused: Refusal, model: &str, started: std::time::Instant) -> Response {
+    let rate_limit = |message: &str, kind: &str| {
+        error(
+            StatusCode::TOO_MANY_REQUESTS,
+            message,
+            kind,
+            None,
+            Some("rate_limit_exceeded"),
+            started,
+        )
+    };
+    match refused {
+        Refusal::Busy { limit } => rate_limit(
+            &format!("Too many concurrent requests for {model} in organization org-mock: Limit {limit} concurrent requests. Please wait for a request in flight to finish and try again."),
+            "requests",
+        ),
+        Refusal::TooLarge {
+            dim,
+            requested,
+            limit,
+        } => rate_limit(
+            &format!("Request too large for {model} in organization org-mock on {}: Limit {limit}, Requested {requested}. The input or output tokens must be reduced in order to run successfully. Visit https://platform.openai.com/account/rate-limits to learn more.", dim_words(dim)),
+            "tokens",
+        ),
+        Refusal::Limited {
+            dim,
+            wait,
+            requested,
+            limit,
+            used,
+        } => {
+            let kind = if dim == Dim::Requests {
+                "requests"
+            } else {
+                "tokens"
+            };
+            let mut r = rate_limit(
+                &format!("Rate limit reached for {model} in organization org-mock on {}: Limit {limit}, Used {used}, Requested {requested}. Please try again in {}. Visit https://platform.openai.com/account/rate-limits to learn more.", dim_words(dim), openai_duration(wait)),
+                kind,
+            );
+            let h = r.headers_mut();
+            if let Ok(v) = HeaderValue::from_str(&wait.as_secs_f64().ceil().max(1.0).to_string()) {
+                h.insert("retry-after", v);
+            }
+            if let Ok(v) = HeaderValue::from_str(&wait.as_millis().max(1).to_string()) {
+                h.insert("retry-after-ms", v);
+            }
+            r
+        }
     }
 }
 
-fn dim_words(state: &AppState, dim: Dim) -> (&'static str, u64) {
-    let l = state
-        .limiter
-        .lock()
-        .map(|l| l.limits.clone())
-        .unwrap_or_default();
+fn dim_words(dim: Dim) -> &'static str {
     match dim {
-        Dim::Requests if l.per_second => ("requests per min (RPM)", l.rpm.unwrap_or(0)),
-        Dim::Requests => ("requests per min (RPM)", l.rpm.unwrap_or(0)),
-        _ => ("tokens per min (TPM)", l.tpm.unwrap_or(0)),
+        Dim::Requests => "requests per min (RPM)",
+        _ => "tokens per min (TPM)",
     }
 }
 

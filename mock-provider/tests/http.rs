@@ -867,3 +867,274 @@ async fn hang_reads_requests_and_never_answers() -> anyhow::Result<()> {
     assert_eq!(r.json()?["requests_total"], 3);
     Ok(())
 }
+
+fn limited(limits: llmq_mock_provider::Limits) -> MockConfig {
+    MockConfig {
+        limits: Some(limits),
+        ..MockConfig::default()
+    }
+}
+
+/// The header `name` of `r` as a number.
+fn num(r: &Reply, name: &str) -> Option<u64> {
+    r.header(name).and_then(|v| v.parse().ok())
+}
+
+#[tokio::test]
+async fn per_second_limits_refuse_on_requests_and_report_the_minute() -> anyhow::Result<()> {
+    // 120 RPM enforced per second: 2 a second (one more every 500 ms), 120 a minute.
+    let mock = spawn(
+        "127.0.0.1:0",
+        limited(llmq_mock_provider::Limits {
+            rpm: Some(120),
+            tpm: Some(100_000),
+            input_tpm: Some(100_000),
+            output_tpm: Some(100_000),
+            per_second: true,
+            ..Default::default()
+        }),
+    )
+    .await?;
+    let ant_headers = [ANT_KEY, ANT_VERSION];
+    for (path, headers, body) in [
+        ("/v1/chat/completions", &[BEARER][..], chat("x")),
+        ("/v1/messages", &ant_headers[..], ant(json!("x"))),
+    ] {
+        let anthropic = path == "/v1/messages";
+        let (limit, remaining) = if anthropic {
+            (
+                "anthropic-ratelimit-requests-limit",
+                "anthropic-ratelimit-requests-remaining",
+            )
+        } else {
+            (
+                "x-ratelimit-limit-requests",
+                "x-ratelimit-remaining-requests",
+            )
+        };
+        for left in [119, 118] {
+            let r = call(&mock, "POST", path, headers, Some(&body)).await?;
+            assert_eq!(r.status, 200, "{path}: {}", r.body);
+            assert_eq!(
+                (num(&r, limit), num(&r, remaining)),
+                (Some(120), Some(left))
+            );
+        }
+        // The third in the same second: the second's bucket is empty, the minute's is not.
+        let r = call(&mock, "POST", path, headers, Some(&body)).await?;
+        assert_eq!(r.status, 429, "{path}: {}", r.body);
+        assert_eq!((num(&r, limit), num(&r, remaining)), (Some(120), Some(118)));
+        assert_eq!(r.header("retry-after"), Some("1"));
+        let error = &r.json()?["error"];
+        let message = error["message"].as_str().unwrap_or_default();
+        if anthropic {
+            assert_eq!(error["type"], "rate_limit_error");
+            assert!(
+                message.contains("rate limit of 120 requests per minute"),
+                "{message}"
+            );
+            for dim in ["input-tokens", "output-tokens", "tokens"] {
+                let name = format!("anthropic-ratelimit-{dim}-remaining");
+                assert!(num(&r, &name).is_some(), "{name} missing on the 429");
+            }
+        } else {
+            assert_eq!(error["type"], "requests");
+            assert_eq!(error["code"], "rate_limit_exceeded");
+            assert!(message.contains("on requests per min (RPM): Limit 120, Used 2, Requested 1"));
+            let ms = num(&r, "retry-after-ms").unwrap_or(0);
+            assert!((1..=500).contains(&ms), "retry-after-ms {ms}");
+            assert!(num(&r, "x-ratelimit-remaining-tokens").is_some());
+        }
+    }
+    let s = mock.stats();
+    assert_eq!(s.rate_limited, 2);
+    assert_eq!(s.rate_limited_by_dim.get("requests"), Some(&2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn limits_are_per_key_or_per_key_and_model() -> anyhow::Result<()> {
+    let other_model = |model: &str| {
+        let mut body = chat("x");
+        body["model"] = json!(model);
+        body
+    };
+    for per_model in [false, true] {
+        let mock = spawn(
+            "127.0.0.1:0",
+            limited(llmq_mock_provider::Limits {
+                rpm: Some(1),
+                per_model,
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let openai = "/v1/chat/completions";
+        let r = call(&mock, "POST", openai, &[BEARER], Some(&other_model("a"))).await?;
+        assert_eq!(r.status, 200);
+        let r = call(&mock, "POST", openai, &[BEARER], Some(&other_model("b"))).await?;
+        assert_eq!(r.status, if per_model { 200 } else { 429 }, "{}", r.body);
+        let r = call(&mock, "POST", openai, &[BEARER], Some(&other_model("a"))).await?;
+        assert_eq!(r.status, 429);
+        let models: Vec<String> = mock.admitted().into_iter().map(|a| a.model).collect();
+        assert_eq!(models, if per_model { vec!["a", "b"] } else { vec!["a"] });
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn max_concurrent_refuses_then_releases_when_streams_end_or_drop() -> anyhow::Result<()> {
+    let mock = spawn(
+        "127.0.0.1:0",
+        MockConfig {
+            chunk_delay: Duration::from_millis(100),
+            limits: Some(llmq_mock_provider::Limits {
+                max_concurrent: Some(1),
+                ..Default::default()
+            }),
+            ..MockConfig::default()
+        },
+    )
+    .await?;
+    let mut openai = chat("a streamed answer");
+    openai["stream"] = json!(true);
+    let mut anthropic = ant(json!("a streamed answer"));
+    anthropic["stream"] = json!(true);
+    let ant_headers = [ANT_KEY, ANT_VERSION];
+    for (path, headers, stream, plain) in [
+        ("/v1/chat/completions", &[BEARER][..], &openai, chat("x")),
+        (
+            "/v1/messages",
+            &ant_headers[..],
+            &anthropic,
+            ant(json!("x")),
+        ),
+    ] {
+        // A stream holds the key's one slot while its body flows.
+        let mut conn = open(&mock, "POST", path, headers, &stream.to_string()).await?;
+        let (status, _, _) = read_head(&mut conn).await?;
+        assert_eq!(status, 200);
+        let r = call(&mock, "POST", path, headers, Some(&plain)).await?;
+        assert_eq!(r.status, 429, "{path}: {}", r.body);
+        let error = &r.json()?["error"];
+        let message = error["message"].as_str().unwrap_or_default();
+        assert!(message.contains("concurrent"), "{message}");
+        if path == "/v1/messages" {
+            assert_eq!(error["type"], "rate_limit_error");
+        } else {
+            assert!(message.contains("Limit 1"), "{message}");
+            assert_eq!(
+                (&error["type"], &error["code"]),
+                (&json!("requests"), &json!("rate_limit_exceeded"))
+            );
+        }
+        // The client goes away mid-stream: the slot is released.
+        drop(conn);
+        let deadline = std::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let r = call(&mock, "POST", path, headers, Some(&plain)).await?;
+            if r.status == 200 {
+                break;
+            }
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "{path}: never released"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        // A stream read to its end releases it too.
+        let r = call(&mock, "POST", path, headers, Some(stream)).await?;
+        assert_eq!(r.status, 200);
+        let r = call(&mock, "POST", path, headers, Some(&plain)).await?;
+        assert_eq!(r.status, 200, "{path}: {}", r.body);
+    }
+    let s = mock.stats();
+    assert_eq!(s.rate_limited_by_dim.get("concurrent"), Some(&2));
+    assert_eq!(s.rate_limited, 2);
+    for key in s.by_key.values() {
+        assert_eq!(key.max_in_flight_seen, 1, "{key:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn token_limits_name_their_dimension() -> anyhow::Result<()> {
+    // OpenAI: tokens per minute (prompt + max_tokens).
+    let mock = spawn(
+        "127.0.0.1:0",
+        limited(llmq_mock_provider::Limits {
+            tpm: Some(1000),
+            ..Default::default()
+        }),
+    )
+    .await?;
+    let mut body = chat("x");
+    body["max_tokens"] = json!(600);
+    let path = "/v1/chat/completions";
+    let r = call(&mock, "POST", path, &[BEARER], Some(&body)).await?;
+    assert_eq!(r.status, 200);
+    let left = num(&r, "x-ratelimit-remaining-tokens").unwrap_or(0);
+    assert!((380..400).contains(&left), "{left}");
+    let r = call(&mock, "POST", path, &[BEARER], Some(&body)).await?;
+    assert_eq!(r.status, 429);
+    assert_eq!(num(&r, "x-ratelimit-remaining-tokens"), Some(left));
+    let error = &r.json()?["error"];
+    assert_eq!(error["type"], "tokens");
+    let message = error["message"].as_str().unwrap_or_default();
+    assert!(
+        message.contains("on tokens per min (TPM): Limit 1000"),
+        "{message}"
+    );
+    assert_eq!(mock.stats().rate_limited_by_dim.get("tokens"), Some(&1));
+
+    // Anthropic: input and output tokens per minute, each on its own.
+    let long = "y".repeat(3000); // 750 tokens + 3 for the message
+    for (input_tpm, output_tpm, content, dim, words) in [
+        (
+            1000,
+            100_000,
+            long.as_str(),
+            "input_tokens",
+            "1,000 input tokens",
+        ),
+        (100_000, 100, "x", "output_tokens", "100 output tokens"),
+    ] {
+        let mock = spawn(
+            "127.0.0.1:0",
+            limited(llmq_mock_provider::Limits {
+                input_tpm: Some(input_tpm),
+                output_tpm: Some(output_tpm),
+                ..Default::default()
+            }),
+        )
+        .await?;
+        let body = ant(json!(content));
+        let headers = [ANT_KEY, ANT_VERSION];
+        let r = call(&mock, "POST", "/v1/messages", &headers, Some(&body)).await?;
+        assert_eq!(r.status, 200, "{}", r.body);
+        let r = call(&mock, "POST", "/v1/messages", &headers, Some(&body)).await?;
+        assert_eq!(r.status, 429, "{dim}");
+        assert_eq!(r.json()?["error"]["type"], "rate_limit_error");
+        let message = r.json()?["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            message.contains(&format!("rate limit of {words} per minute")),
+            "{message}"
+        );
+        assert!(num(&r, "retry-after").is_some_and(|s| s >= 1));
+        let input = num(&r, "anthropic-ratelimit-input-tokens-remaining");
+        let output = num(&r, "anthropic-ratelimit-output-tokens-remaining");
+        let tokens = num(&r, "anthropic-ratelimit-tokens-remaining");
+        assert_eq!(tokens, input.min(output), "the most restrictive");
+        // max_tokens charged once, not for the 429 (give or take what refilled since).
+        let once = output_tpm - 64;
+        assert!(
+            output.is_some_and(|o| (once..once + output_tpm / 100).contains(&o)),
+            "{output:?}"
+        );
+        assert_eq!(mock.stats().rate_limited_by_dim.get(dim), Some(&1));
+    }
+    Ok(())
+}
