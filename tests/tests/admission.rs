@@ -5,10 +5,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use llmq_mock_provider::{Limits as MockLimits, MockConfig};
-use llmq_producer_sdk::{ChatMessage, JobId, JobState, NewJob};
+use llmq_producer_sdk::{ChatMessage, JobState, NewJob};
 use llmq_tests::{redis_url, spawn_app_with, AppOptions};
 use llmq_worker::admission::{Admission, Admit, Scope};
-use llmq_worker::settings::RateLimitSettings;
+use llmq_worker::settings::{LimitScope, ModelRateLimit, RateLimitSettings};
 use llmq_worker::Settings;
 use redis::AsyncCommands;
 use secrecy::SecretString;
@@ -37,7 +37,10 @@ fn limits(rpm: u64, tpm: u64) -> RateLimitSettings {
 async fn tat(scope: &Scope, dim: &str) -> Option<f64> {
     let client = redis::Client::open(redis_url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let v: Option<String> = c.hget(&scope.key, format!("tat:{dim}")).await.unwrap();
+    let v: Option<String> = c
+        .hget(scope.hash_of(dim).unwrap(), format!("tat:{dim}"))
+        .await
+        .unwrap();
     v.map(|s| s.parse().unwrap())
 }
 
@@ -157,7 +160,6 @@ async fn slots_are_fifo_for_mixed_sizes() {
 async fn settle_is_idempotent_and_a_refund_of_r_admits_exactly_r_more() {
     let admission = Admission::new(&settings(limits(6000, 60_000), true)).unwrap();
     let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
-    let job = JobId::new();
     let mut reservations = Vec::new();
     for _ in 0..5 {
         reservations.push(go(admission.acquire(&scope, scope.demand(2_000, 1_000)).await).1);
@@ -166,33 +168,197 @@ async fn settle_is_idempotent_and_a_refund_of_r_admits_exactly_r_more() {
     let before = tat(&scope, "tokens").await.unwrap();
     // Used 1,000 fewer tokens than reserved: refund R = 1000 tokens.
     let r = &reservations[4];
-    admission.settle(job, 1, r, &[1, 2_000], &[]).await;
+    admission.settle(r, &[1, 2_000], &[], Duration::ZERO).await;
     let after = tat(&scope, "tokens").await.unwrap();
     assert!(
         (before - after - 1_000.0 * per_token_ms).abs() < 0.01,
         "refund moved TAT by {}",
         before - after
     );
-    // Settling the same attempt again changes nothing.
-    admission.settle(job, 1, r, &[1, 2_000], &[]).await;
+    // Settling the same reservation again changes nothing.
+    admission.settle(r, &[1, 2_000], &[], Duration::ZERO).await;
     assert!((tat(&scope, "tokens").await.unwrap() - after).abs() < 0.001);
     // Excess is charged: 500 more tokens than reserved.
     admission
-        .settle(JobId::new(), 1, &reservations[3], &[1, 3_500], &[])
+        .settle(&reservations[3], &[1, 3_500], &[], Duration::ZERO)
         .await;
     assert!((tat(&scope, "tokens").await.unwrap() - after - 500.0 * per_token_ms).abs() < 0.01);
-    // Provider headers only tighten: a generous "remaining" changes nothing.
-    let t = tat(&scope, "tokens").await.unwrap();
+}
+
+/// Seconds' worth of tokens the bucket holds now (its level), from its TAT and Redis time.
+async fn level(scope: &Scope, dim: &str, per_minute: f64, burst: f64) -> f64 {
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let (secs, micros): (i64, i64) = redis::cmd("TIME").query_async(&mut c).await.unwrap();
+    let now = secs as f64 * 1000.0 + micros as f64 / 1000.0;
+    let interval = 60_000.0 / per_minute;
+    let tat = tat(scope, dim).await.unwrap();
+    (now + burst * interval - tat) / interval
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unknown_budget_learns_the_accounts_count_from_headers_less_what_it_has_not_seen() {
+    // 600 RPM per second, 900k TPM over a minute; no state in Redis.
+    let admission = Admission::new(&settings(limits(600, 900_000), false)).unwrap();
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    assert!(
+        !scope.dims[0].learn && scope.dims[1].learn,
+        "{:?}",
+        scope.dims
+    );
+    // The first call starts from an empty bucket (nothing is known yet)...
+    let (_, first) = go(admission.acquire(&scope, scope.demand(900, 100)).await);
+    // ...and two more are admitted before its answer arrives.
+    let (_, second) = go(admission.acquire(&scope, scope.demand(4_000, 1_000)).await);
+    let (_, _third) = go(admission.acquire(&scope, scope.demand(4_000, 1_000)).await);
+    let empty = level(&scope, "tokens", 900_000.0, 900_000.0).await;
+    assert!(empty < 0.0, "started full: {empty}");
+    // The first call's answer: the idle account has 899,000 tokens left after it.
     admission
         .settle(
-            JobId::new(),
-            1,
-            &reservations[2],
-            &[1, 3_000],
-            &[None, Some(1_000_000)],
+            &first,
+            &[1, 1_000],
+            &[Some(599), Some(899_000)],
+            Duration::from_millis(300),
         )
         .await;
-    assert!((tat(&scope, "tokens").await.unwrap() - t).abs() < 0.001);
+    // Learned: the account's count, less the 10,000 admitted after that call (the
+    // provider had not seen them), less nothing else; requests (paced per second, a
+    // window the headers do not describe) are left alone.
+    let l = level(&scope, "tokens", 900_000.0, 900_000.0).await;
+    assert!(
+        (880_000.0..=889_100.0).contains(&l),
+        "tokens level after learning: {l}"
+    );
+    // A stale or smaller count never loosens; a lower one tightens.
+    admission
+        .settle(
+            &second,
+            &[1, 5_000],
+            &[Some(599), Some(100_000)],
+            Duration::from_millis(300),
+        )
+        .await;
+    let tightened = level(&scope, "tokens", 900_000.0, 900_000.0).await;
+    assert!(
+        tightened < 110_000.0,
+        "a lower count did not tighten: {tightened}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_429_drains_only_the_dimension_it_names() {
+    let admission = Admission::new(&settings(limits(600, 900_000), false)).unwrap();
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    let (_, r) = go(admission.acquire(&scope, scope.demand(50, 50)).await);
+    admission
+        .settle(
+            &r,
+            &[1, 100],
+            &[None, Some(800_000)],
+            Duration::from_millis(10),
+        )
+        .await;
+    let tokens_before = level(&scope, "tokens", 900_000.0, 900_000.0).await;
+    assert!(tokens_before > 700_000.0, "{tokens_before}");
+    // OpenAI's 429 on requests: only the request bucket is drained.
+    let drain = scope.exceeded(
+        Some("requests"),
+        "Rate limit reached for gpt-4o-mini in organization org-x on requests per min (RPM): Limit 600, Used 600, Requested 1.",
+        &[Some(0), Some(799_000)],
+    );
+    assert_eq!(drain, vec![true, false]);
+    admission
+        .pause_for(
+            &scope,
+            Duration::from_millis(35),
+            &drain,
+            &[Some(0), Some(799_000)],
+        )
+        .await;
+    let tokens_after = level(&scope, "tokens", 900_000.0, 900_000.0).await;
+    assert!(
+        tokens_after > tokens_before - 1_000.0,
+        "a request 429 drained tokens: {tokens_before} -> {tokens_after}"
+    );
+    assert!(level(&scope, "requests", 600.0, 10.0).await <= 0.5);
+    // Anthropic's words name its dimensions too; a 429 that says nothing drains all.
+    let anthropic = Admission::new(&{
+        let mut s = settings(
+            RateLimitSettings {
+                rpm: Some(50),
+                input_tpm: Some(40_000),
+                output_tpm: Some(8_000),
+                ..limits(50, 1)
+            },
+            false,
+        );
+        s.providers
+            .get_mut("openai")
+            .unwrap()
+            .rate_limit
+            .as_mut()
+            .unwrap()
+            .tpm = None;
+        s
+    })
+    .unwrap();
+    let a = anthropic.scope("openai", "claude").unwrap();
+    assert_eq!(
+        a.exceeded(Some("rate_limit_error"), "This request would exceed your organization's rate limit of 8,000 output tokens per minute.", &[]),
+        vec![false, false, true]
+    );
+    assert_eq!(
+        a.exceeded(None, "Too Many Requests", &[]),
+        vec![true, true, true]
+    );
+    // A pause is capped by admission.max_pause_secs.
+    let mut s = settings(limits(600, 900_000), false);
+    s.admission.max_pause_secs = 2;
+    let capped = Admission::new(&s).unwrap();
+    let sc = capped.scope("openai", "gpt-4o-mini").unwrap();
+    capped.pause(&sc, Duration::from_secs(3600)).await;
+    assert!(capped.pause_left(&sc).await <= Duration::from_secs(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_wide_limit_is_shared_by_every_model_and_charged_with_a_models_own() {
+    let mut s = settings(
+        RateLimitSettings {
+            scope: LimitScope::Key,
+            ..limits(600, 900_000)
+        },
+        false,
+    );
+    s.providers.get_mut("openai").unwrap().model_limits = vec![ModelRateLimit {
+        model: "gpt-4o".into(),
+        limits: limits(60, 30_000),
+    }];
+    let admission = Admission::new(&s).unwrap();
+    let mini = admission.scope("openai", "gpt-4o-mini").unwrap();
+    let other = admission.scope("openai", "never-configured-model").unwrap();
+    let big = admission.scope("openai", "gpt-4o").unwrap();
+    // Unconfigured names charge the key's budget, never one of their own.
+    assert_eq!(mini.hashes, other.hashes);
+    assert_eq!(mini.hashes.len(), 1);
+    assert!(mini.hashes[0].ends_with(":key"), "{:?}", mini.hashes);
+    // A configured model is charged against its own limits and the key's at once.
+    assert_eq!(big.hashes.len(), 2);
+    assert_eq!(big.hashes[0], mini.hashes[0]);
+    assert_eq!(big.dims.len(), 4);
+    // The key's 10 requests per second, shared: 10 calls over three model names fill it.
+    for i in 0..10 {
+        let sc = [&mini, &other, &big][i % 3];
+        go(admission.acquire(sc, sc.demand(10, 10)).await);
+    }
+    let (wait, _) = go(admission.acquire(&other, other.demand(10, 10)).await);
+    assert!(wait >= Duration::from_millis(900), "{wait:?}");
+    // Per-model (the default): each name its own budget.
+    let per_model = Admission::new(&settings(limits(600, 900_000), false)).unwrap();
+    assert_ne!(
+        per_model.scope("openai", "a").unwrap().hashes,
+        per_model.scope("openai", "b").unwrap().hashes
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -430,7 +596,7 @@ async fn state_lost_by_redis_starts_empty_not_full() {
     // Redis restarted empty: the scope's state is gone; it starts empty again.
     let client = redis::Client::open(redis_url()).unwrap();
     let mut c = client.get_multiplexed_async_connection().await.unwrap();
-    let _: () = c.del(&scope.key).await.unwrap();
+    let _: () = c.del(&scope.hashes).await.unwrap();
     let (again, _) = go(admission.acquire(&scope, scope.demand(1_000, 1_000)).await);
     assert!(again >= Duration::from_millis(1_900), "{again:?}");
 }

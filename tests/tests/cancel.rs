@@ -101,11 +101,13 @@ async fn cancel_while_waiting_for_budget_returns_the_reservation() {
     let redis = redis::Client::open(llmq_tests::redis_url()).unwrap();
     let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
     let tat = |v: Option<String>| v.map(|s| s.parse::<f64>().unwrap()).unwrap_or(0.0);
-    let before = tat(
-        redis::AsyncCommands::hget(&mut conn, &scope.key, "tat:requests")
-            .await
-            .unwrap(),
-    );
+    let before = tat(redis::AsyncCommands::hget(
+        &mut conn,
+        scope.hash_of("requests").unwrap(),
+        "tat:requests",
+    )
+    .await
+    .unwrap());
     let cancelled = client.cancel(b).await.unwrap();
     assert_eq!(cancelled.state, JobState::Cancelled);
     // The worker holding b hears of it on the events exchange and gives the slot back at
@@ -114,16 +116,18 @@ async fn cancel_while_waiting_for_budget_returns_the_reservation() {
         / scope
             .dims
             .iter()
-            .find(|d| d.name == "requests")
+            .find(|d| d.name() == "requests")
             .unwrap()
             .per_minute;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     let after = loop {
-        let now = tat(
-            redis::AsyncCommands::hget(&mut conn, &scope.key, "tat:requests")
-                .await
-                .unwrap(),
-        );
+        let now = tat(redis::AsyncCommands::hget(
+            &mut conn,
+            scope.hash_of("requests").unwrap(),
+            "tat:requests",
+        )
+        .await
+        .unwrap());
         if now < before {
             break now;
         }

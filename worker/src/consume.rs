@@ -93,6 +93,7 @@ pub struct Worker {
     metrics: Arc<crate::metrics::Metrics>,
     held: Arc<Held>,
     owed: Arc<OwedEvents>,
+    claim_lead: Arc<ClaimLead>,
 }
 
 /// Terminal events whose publish failed (the broker was away when the job ended): sent
@@ -222,6 +223,52 @@ impl RouteCursor {
             "x-llmq-route-start",
             AMQPValue::LongUInt(self.start),
         )
+    }
+}
+
+/// How many times a job was sent back to the queue because its budget slot was too far.
+const DEFERRALS_HEADER: &str = "x-llmq-deferrals";
+
+/// A small count carried in a message header (0 when absent or not a count).
+fn header_u32(delivery: &Delivery, name: &str) -> u32 {
+    match delivery
+        .properties
+        .headers()
+        .as_ref()
+        .and_then(|h| h.inner().get(name))
+    {
+        Some(AMQPValue::LongUInt(n)) => *n,
+        Some(AMQPValue::LongLongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        Some(AMQPValue::LongInt(n)) => u32::try_from(*n).unwrap_or(0),
+        _ => 0,
+    }
+}
+
+/// How long before its budget slot a job is claimed, so the call leaves at the slot: a
+/// decaying estimate of the claim's time (twice it, 5..250 ms).
+#[derive(Default)]
+struct ClaimLead(std::sync::atomic::AtomicU64);
+
+impl ClaimLead {
+    fn get(&self) -> Duration {
+        let us = self.0.load(std::sync::atomic::Ordering::Relaxed);
+        Duration::from_micros(us.saturating_mul(2))
+            .clamp(Duration::from_millis(5), Duration::from_millis(250))
+    }
+
+    fn observe(&self, took: Duration) {
+        let took = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+        let _ = self.0.fetch_update(
+            std::sync::atomic::Ordering::Relaxed,
+            std::sync::atomic::Ordering::Relaxed,
+            |old| {
+                Some(if took > old {
+                    took
+                } else {
+                    old - (old - took) / 8
+                })
+            },
+        );
     }
 }
 
@@ -407,16 +454,27 @@ impl Worker {
             }
         };
 
-        // Budget: reserve (1 request, estimated tokens) of this route's limits, wait for
-        // the slot, and make sure no fleet pause began meanwhile.
+        // Budget: reserve (1 request, estimated tokens) of this route's limits and wait
+        // for the slot, claiming the job just before it starts so the call leaves at the
+        // slot's instant (the spacing the budget gave calls is not lost to the claim's
+        // write); make sure no fleet pause began meanwhile.
         let scope = self.admission.scope(&provider_name, &route.model);
         let mut reservation = None;
+        let mut slot = tokio::time::Instant::now();
         if let Some(scope) = &scope {
             let prompt =
                 admission::prompt_tokens(provider.kind(), &route.model, &env.request.messages);
             let amounts = scope.demand(prompt, u64::from(env.request.max_tokens.unwrap_or(0)));
+            // A job sent back for budget before accepts a further slot each time, so a
+            // large job is never deferred forever behind a stream of small ones.
+            let deferrals = header_u32(&delivery, DEFERRALS_HEADER).min(8);
+            let max_wait = self.admission.max_wait().saturating_mul(1 << deferrals);
             loop {
-                match self.admission.acquire(scope, amounts.clone()).await {
+                match self
+                    .admission
+                    .acquire_within(scope, amounts.clone(), max_wait)
+                    .await
+                {
                     Admit::TooLarge {
                         dim,
                         amount,
@@ -438,9 +496,11 @@ impl Worker {
                     Admit::TooBusy { wait } => {
                         info!(
                             wait_s = wait.as_secs(),
-                            "budget slot too far away; back to the queue uncharged"
+                            deferrals, "budget slot too far away; back to the queue uncharged"
                         );
-                        return self.defer(delivery, &env, wait, cursor).await;
+                        return self
+                            .defer(delivery, &env, wait, cursor, deferrals + 1)
+                            .await;
                     }
                     Admit::Go {
                         wait,
@@ -450,7 +510,9 @@ impl Worker {
                             .budget_wait
                             .get_or_create(&vec![("provider", provider_name.clone())])
                             .observe(wait.as_secs_f64());
-                        if wait > Duration::from_millis(50) {
+                        slot = tokio::time::Instant::now() + wait;
+                        let lead = self.claim_lead.get();
+                        if wait > lead.max(Duration::from_millis(50)) {
                             let start = at_after(wait);
                             let watch = self.cancels.watch(id.0);
                             match self
@@ -460,12 +522,12 @@ impl Worker {
                                 .await
                             {
                                 None => {
-                                    self.admission.give_back(id, &r).await;
+                                    self.admission.give_back(&r).await;
                                     return Processed::HandedBack;
                                 }
                                 Some(false) => {
                                     // Cancelled (or finished elsewhere) meanwhile.
-                                    self.admission.give_back(id, &r).await;
+                                    self.admission.give_back(&r).await;
                                     ack(&delivery).await;
                                     return Processed::AlreadyFinished;
                                 }
@@ -474,21 +536,21 @@ impl Worker {
                             self.emit_progress(&env, JobState::WaitingBudget, 0);
                             tokio::select! {
                                 () = self.hard_stop.cancelled() => {
-                                    self.admission.give_back(id, &r).await;
+                                    self.admission.give_back(&r).await;
                                     return Processed::HandedBack;
                                 }
                                 () = watch.token.cancelled() => {
                                     info!("cancelled while waiting for budget; reservation returned");
-                                    self.admission.give_back(id, &r).await;
+                                    self.admission.give_back(&r).await;
                                     ack(&delivery).await;
                                     return Processed::AlreadyFinished;
                                 }
-                                () = tokio::time::sleep(wait) => {}
+                                () = tokio::time::sleep_until(slot - lead) => {}
                             }
                             let paused = self.admission.pause_left(scope).await;
                             if !paused.is_zero() {
                                 // A 429 paused the fleet while we waited: this slot is void.
-                                self.admission.give_back(id, &r).await;
+                                self.admission.give_back(&r).await;
                                 tokio::select! {
                                     () = self.hard_stop.cancelled() => return Processed::HandedBack,
                                     () = watch.token.cancelled() => {
@@ -510,7 +572,7 @@ impl Worker {
         if env.deadline.is_some_and(|d| d <= Utc::now()) {
             // The budget wait outlasted the deadline: the slot goes back unused.
             if let Some(r) = &reservation {
-                self.admission.give_back(id, r).await;
+                self.admission.give_back(r).await;
             }
             let message = "deadline passed while the job waited for rate-limit budget";
             if !self
@@ -524,23 +586,32 @@ impl Worker {
         }
 
         let redelivered = delivery.redelivered;
+        let claiming = Instant::now();
         let Some(claimed) = self
             .durably("claim job", || store::claim(&self.pool, id, redelivered))
             .await
         else {
             if let Some(r) = &reservation {
-                self.admission.give_back(id, r).await;
+                self.admission.give_back(r).await;
             }
             return Processed::HandedBack;
         };
+        self.claim_lead.observe(claiming.elapsed());
         let Some(attempt) = claimed else {
             if let Some(r) = &reservation {
-                self.admission.give_back(id, r).await;
+                self.admission.give_back(r).await;
             }
             info!("another delivery owns this job, or it just finished; acking this copy");
             ack(&delivery).await;
             return Processed::Duplicate;
         };
+        if reservation.is_some() {
+            tokio::time::sleep_until(slot).await;
+            self.metrics
+                .send_lateness
+                .get_or_create(&vec![("provider", provider_name.clone())])
+                .observe(slot.elapsed().as_secs_f64());
+        }
 
         if fell_back {
             cursor.start = attempt - 1;
@@ -556,25 +627,31 @@ impl Worker {
             .await;
         relay.finish().await;
         let latency_ms = u32::try_from(clock.elapsed().as_millis()).unwrap_or(u32::MAX);
+        // What the provider's headers say is left, per dimension of the scope (a 429's
+        // too: they say which limit ran out).
+        let remaining: Vec<Option<u64>> = scope.as_ref().map_or_else(Vec::new, |sc| {
+            let r = match &result {
+                Ok(reply) => Some(&reply.remaining),
+                Err(CallError::Http { remaining, .. }) => Some(&**remaining),
+                Err(_) => None,
+            };
+            sc.dims
+                .iter()
+                .map(|d| r.and_then(|r| r.for_dim(d.name())))
+                .collect()
+        });
         if let Some(r) = &reservation {
             let n = r.amounts.len();
-            let (actual, remaining): (Vec<u64>, Vec<Option<u64>>) = match &result {
-                Ok(reply) => (
-                    r.scope.actual(&reply.usage),
-                    r.scope
-                        .dims
-                        .iter()
-                        .map(|d| reply.remaining.for_dim(d.name))
-                        .collect(),
-                ),
+            let (actual, seen): (Vec<u64>, &[Option<u64>]) = match &result {
+                Ok(reply) => (r.scope.actual(&reply.usage), &remaining),
                 // Never reached the provider, or refused by its limiter: give it back.
                 Err(CallError::Connect(_)) | Err(CallError::Http { status: 429, .. }) => {
-                    (vec![0; n], Vec::new())
+                    (vec![0; n], &[])
                 }
-                Err(_) => (r.amounts.clone(), Vec::new()),
+                Err(_) => (r.amounts.clone(), &[]),
             };
             self.admission
-                .settle(id, attempt, r, &actual, &remaining)
+                .settle(r, &actual, seen, clock.elapsed())
                 .await;
         }
         let mut evidence = AttemptRecord {
@@ -662,8 +739,15 @@ impl Worker {
                         .fleet_pauses
                         .get_or_create(&vec![("provider", provider_name.clone())])
                         .inc();
+                    let drain =
+                        scope.exceeded(failure.error_type.as_deref(), &failure.message, &remaining);
                     self.admission
-                        .pause(scope, after.unwrap_or(Duration::from_secs(1)))
+                        .pause_for(
+                            scope,
+                            after.unwrap_or(Duration::from_secs(1)),
+                            &drain,
+                            &remaining,
+                        )
                         .await;
                 }
                 self.retry(delivery, &env, after, failure, evidence, cursor)
@@ -783,6 +867,7 @@ impl Worker {
         env: &JobEnvelope,
         wait: Duration,
         cursor: RouteCursor,
+        deferrals: u32,
     ) -> Processed {
         let tier = Topology::delay_tier(wait.min(Duration::from_secs(60)));
         let next_at = at_after(Duration::from_secs(tier));
@@ -798,8 +883,12 @@ impl Worker {
             Some(true) => {}
         }
         self.emit_progress(env, JobState::Retrying, 0);
-        self.park(&delivery, cursor.stamp(delivery.properties.clone()), tier)
-            .await;
+        let props = with_header(
+            &delivery.properties,
+            DEFERRALS_HEADER,
+            AMQPValue::LongUInt(deferrals),
+        );
+        self.park(&delivery, cursor.stamp(props), tier).await;
         Processed::Deferred
     }
 
@@ -1388,6 +1477,7 @@ async fn consume_session(
         metrics: metrics.clone(),
         held: Arc::new(Held::default()),
         owed: owed.clone(),
+        claim_lead: Arc::new(ClaimLead::default()),
     });
     let mut consumer = channel
         .basic_consume(

@@ -8,6 +8,8 @@
 //! - `llmq_provider_latency_seconds{provider}`: call latency
 //! - `llmq_tokens_total{provider,kind}`: prompt and completion tokens reported by `usage`
 //! - `llmq_budget_wait_seconds{provider}`: time from reservation to the budget slot
+//! - `llmq_budget_send_lateness_seconds{provider}`: how late a call left after its budget
+//!   slot began (calls that leave late bunch up at the provider)
 //! - `llmq_retries_total{class}`: retries scheduled (including `circuit_open` waits)
 //! - `llmq_fleet_pauses_total{provider}`: provider 429s that paused the fleet
 //! - `llmq_circuit_state{provider}`: 0 closed, 1 half-open, 2 open (as last seen)
@@ -38,6 +40,12 @@ fn latency_buckets() -> Histogram {
     Histogram::new(exponential_buckets(0.01, 2.0, 14))
 }
 
+fn lateness_buckets() -> Histogram {
+    Histogram::new([
+        0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    ])
+}
+
 fn wait_buckets() -> Histogram {
     // 50 ms .. ~14 min
     Histogram::new(exponential_buckets(0.05, 2.0, 15))
@@ -56,6 +64,8 @@ pub struct Metrics {
     pub tokens: Family<Labels, Counter>,
     /// Budget waits.
     pub budget_wait: Histograms,
+    /// Lateness of calls after their budget slot.
+    pub send_lateness: Histograms,
     /// Retries by class.
     pub retries: Family<Labels, Counter>,
     /// Fleet pauses by provider.
@@ -82,6 +92,7 @@ impl Metrics {
             latency: Family::new_with_constructor(latency_buckets as fn() -> Histogram),
             tokens: Family::default(),
             budget_wait: Family::new_with_constructor(wait_buckets as fn() -> Histogram),
+            send_lateness: Family::new_with_constructor(lateness_buckets as fn() -> Histogram),
             retries: Family::default(),
             fleet_pauses: Family::default(),
             circuit: Family::default(),
@@ -103,6 +114,11 @@ impl Metrics {
             "budget_wait_seconds",
             "Time from budget reservation to the slot",
             m.budget_wait.clone(),
+        );
+        registry.register(
+            "budget_send_lateness_seconds",
+            "How late a call left after its budget slot began",
+            m.send_lateness.clone(),
         );
         registry.register("retries", "Retries scheduled", m.retries.clone());
         registry.register(

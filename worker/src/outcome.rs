@@ -203,6 +203,7 @@ fn classify_failure(result: Result<ProviderReply, CallError>) -> Classified {
             body,
             retry_after,
             request_id,
+            ..
         }) => {
             let (error_type, error_code, message) = parse_error_body(&body);
             let class = class_of_http(
@@ -312,6 +313,7 @@ mod tests {
             body: body.into(),
             retry_after: None,
             request_id: None,
+            remaining: Default::default(),
         })
     }
 

@@ -103,6 +103,19 @@ pub struct AdmissionSettings {
     pub assumed_replicas: u32,
     /// Per-call Redis timeout before falling back to the local limiter.
     pub redis_timeout_ms: u64,
+    /// The longest fleet pause a provider 429 can cause; a longer `retry-after` is held
+    /// to this (and logged as capped).
+    #[serde(default = "default_max_pause_secs")]
+    pub max_pause_secs: u64,
+    /// Let the provider's `x-ratelimit-remaining-*` / `anthropic-ratelimit-*` headers set
+    /// a budget whose bucket models the same minute they count (both ways: a budget with
+    /// no state learns what the account really has left).
+    #[serde(default = "yes")]
+    pub learn_from_headers: bool,
+}
+
+fn default_max_pause_secs() -> u64 {
+    60
 }
 
 /// See [`AdmissionSettings::mode`].
@@ -138,6 +151,23 @@ pub struct RateLimitSettings {
     /// could ever pass).
     #[serde(default = "sixty")]
     pub token_burst_secs: f64,
+    /// What the provider counts these limits against: `model` (each model name its own
+    /// budget, as OpenAI and Anthropic do) or `key` (one budget for the key across every
+    /// model, as relays and gateways do). Only a provider's `rate_limit` can be `key`;
+    /// its `model_limits` are then charged together with it.
+    #[serde(default)]
+    pub scope: LimitScope,
+}
+
+/// See [`RateLimitSettings::scope`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LimitScope {
+    /// Per model name.
+    #[default]
+    Model,
+    /// Per API key, across models.
+    Key,
 }
 
 fn one() -> f64 {
@@ -360,6 +390,9 @@ impl Settings {
                 "must be in [0, 0.5), e.g. 0.02",
             ));
         }
+        if self.admission.max_pause_secs == 0 {
+            return Err(invalid("admission.max_pause_secs", "must be at least 1"));
+        }
         if self.admission.assumed_replicas == 0 {
             return Err(invalid("admission.assumed_replicas", "must be at least 1"));
         }
@@ -439,6 +472,16 @@ impl Settings {
                 if l.request_burst_secs <= 0.0 || l.token_burst_secs <= 0.0 {
                     return Err(invalid(&field, "burst seconds must be > 0"));
                 }
+            }
+            if let Some(m) = p
+                .model_limits
+                .iter()
+                .find(|m| m.limits.scope == LimitScope::Key)
+            {
+                return Err(invalid(
+                    &format!("providers.{name}.model_limits[{}].scope", m.model),
+                    "cannot be `key`: a model's limits are its own; put the key's limit in the provider's `rate_limit` with scope = \"key\"",
+                ));
             }
         }
         Ok(())

@@ -1,52 +1,103 @@
 //! Admission: the fleet's shared budget of requests and tokens per minute.
 //!
-//! Flow for one job: [`Admission::scope`] finds the limits of its (provider, model);
-//! [`Scope::demand`] turns the request into amounts per dimension (1 request, estimated
-//! tokens); [`Admission::acquire`] reserves them all at once in Redis and answers "go in
-//! Δ" (FIFO slots, never a busy poll); the worker waits Δ, checks that no fleet pause
-//! began meanwhile, calls the provider, then [`Admission::settle`]s against `usage`
-//! (idempotent; provider `x-ratelimit-remaining-*` only tighten). A rate-limit 429 pauses
-//! the whole fleet for that scope ([`Admission::pause`]).
+//! Flow for one job: [`Admission::scope`] finds the limits a call to (provider, model) is
+//! charged against (the model's, the key's, or both); [`Scope::demand`] turns the request
+//! into amounts per dimension (1 request, estimated tokens); [`Admission::acquire`]
+//! reserves them all at once in Redis and answers "go in Δ" (FIFO slots, never a busy
+//! poll); the worker waits Δ, checks that no fleet pause began meanwhile, calls the
+//! provider, then [`Admission::settle`]s against `usage` (idempotent) and the provider's
+//! `x-ratelimit-remaining-*` headers, which set a budget whose state was unknown and keep
+//! it on the provider's own count. A rate-limit 429 pauses the fleet for that scope and
+//! drains only the dimension the provider named ([`Admission::pause`]).
 //!
 //! Redis unreachable: each replica falls back to a local limiter holding its share of the
-//! limit (never fails open) and returns to Redis as soon as it answers.
+//! limit (never fails open), returns to Redis as soon as it answers, and charges what it
+//! admitted meanwhile to the shared budget.
 
 mod estimate;
 mod local;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use llmq_producer_sdk::{JobId, Usage};
+use llmq_producer_sdk::Usage;
 use secrecy::ExposeSecret;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 pub use estimate::prompt_tokens;
 
-use crate::settings::{AdmissionMode, ProviderKind, ProviderSettings, Settings};
+use crate::settings::{AdmissionMode, LimitScope, ProviderSettings, RateLimitSettings, Settings};
 
 /// The script (see the file for its calling convention and results).
-const GCRA_SCRIPT: &str = include_str!("llmq_gcra_v1.lua");
+const BUDGET_SCRIPT: &str = include_str!("llmq_budget_v2.lua");
+
+/// What a dimension counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DimKind {
+    /// Requests.
+    Requests,
+    /// Prompt plus output tokens.
+    Tokens,
+    /// Prompt tokens.
+    InputTokens,
+    /// Output tokens.
+    OutputTokens,
+}
+
+impl DimKind {
+    /// Its name in Redis, metrics and messages.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DimKind::Requests => "requests",
+            DimKind::Tokens => "tokens",
+            DimKind::InputTokens => "input_tokens",
+            DimKind::OutputTokens => "output_tokens",
+        }
+    }
+
+    fn of(self, requests: u64, prompt: u64, output: u64) -> u64 {
+        match self {
+            DimKind::Requests => requests,
+            DimKind::Tokens => prompt.saturating_add(output),
+            DimKind::InputTokens => prompt,
+            DimKind::OutputTokens => output,
+        }
+    }
+}
 
 /// One dimension of a limit.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Dim {
-    /// `requests`, `tokens`, `input_tokens` or `output_tokens`.
-    pub name: &'static str,
+    /// What it counts.
+    pub kind: DimKind,
+    /// Index into [`Scope::hashes`]: the budget (model's or key's) it belongs to.
+    pub hash: usize,
     /// Units per minute, after the safety margin.
     pub per_minute: f64,
     /// Units the bucket holds.
     pub burst: f64,
+    /// The bucket models the minute the provider's headers count, so they may set it.
+    pub learn: bool,
 }
 
-/// The limits of one (provider account, model).
+impl Dim {
+    /// `requests`, `tokens`, `input_tokens` or `output_tokens`.
+    pub fn name(&self) -> &'static str {
+        self.kind.as_str()
+    }
+}
+
+/// The limits one call is charged against: its model's, its key's, or both.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scope {
-    /// Redis hash key, hash-tagged so every key of the scope is in one slot.
+    /// The hash tag every key of the scope shares (one Redis Cluster slot), e.g.
+    /// `{llmq:rl:openai}`; settle markers hang off it.
     pub key: String,
+    /// The Redis hashes of its budgets, e.g. `{llmq:rl:openai}:model:gpt-4o`.
+    pub hashes: Vec<String>,
     /// `provider/model`, for logs and metrics.
     pub label: String,
     /// Its dimensions.
@@ -60,12 +111,7 @@ impl Scope {
     pub fn demand(&self, prompt: u64, max_tokens: u64) -> Vec<u64> {
         self.dims
             .iter()
-            .map(|d| match d.name {
-                "requests" => 1,
-                "tokens" => prompt + max_tokens,
-                "input_tokens" => prompt,
-                _ => max_tokens,
-            })
+            .map(|d| d.kind.of(1, prompt, max_tokens))
             .collect()
     }
 
@@ -76,15 +122,62 @@ impl Scope {
         self.dims
             .iter()
             .map(|d| {
-                let used = match d.name {
-                    "requests" => 1,
-                    "tokens" => usage.prompt_tokens.saturating_add(usage.completion_tokens),
-                    "input_tokens" => usage.prompt_tokens,
-                    _ => usage.completion_tokens,
-                };
-                used.min(d.burst.ceil().max(1.0) as u64)
+                d.kind
+                    .of(1, usage.prompt_tokens, usage.completion_tokens)
+                    .min(d.burst.ceil().max(1.0) as u64)
             })
             .collect()
+    }
+
+    /// The Redis hash holding the first dimension called `name`.
+    pub fn hash_of(&self, name: &str) -> Option<&str> {
+        let d = self.dims.iter().find(|d| d.name() == name)?;
+        self.hashes.get(d.hash).map(String::as_str)
+    }
+
+    /// Which dimensions a provider 429 says were exceeded, from its error type, message
+    /// and remaining-budget headers (OpenAI: `type` "requests"/"tokens", "… per min
+    /// (RPM)"; Anthropic: "… input tokens per minute"). All of them when it does not say.
+    pub fn exceeded(
+        &self,
+        error_type: Option<&str>,
+        message: &str,
+        remaining: &[Option<u64>],
+    ) -> Vec<bool> {
+        let text = format!("{} {}", error_type.unwrap_or(""), message).to_lowercase();
+        let named = |kind: DimKind| -> bool {
+            let zero = self
+                .dims
+                .iter()
+                .zip(remaining)
+                .any(|(d, r)| d.kind == kind && *r == Some(0));
+            zero || match kind {
+                DimKind::Requests => {
+                    error_type == Some("requests")
+                        || text.contains("(rpm)")
+                        || text.contains("requests per min")
+                }
+                DimKind::InputTokens => {
+                    text.contains("input tokens per min") || text.contains("(itpm)")
+                }
+                DimKind::OutputTokens => {
+                    text.contains("output tokens per min") || text.contains("(otpm)")
+                }
+                DimKind::Tokens => {
+                    error_type == Some("tokens")
+                        || text.contains("(tpm)")
+                        || (text.contains("tokens per min")
+                            && !text.contains("input tokens per min")
+                            && !text.contains("output tokens per min"))
+                }
+            }
+        };
+        let marks: Vec<bool> = self.dims.iter().map(|d| named(d.kind)).collect();
+        if marks.iter().any(|m| *m) {
+            marks
+        } else {
+            vec![true; self.dims.len()]
+        }
     }
 }
 
@@ -97,6 +190,11 @@ pub struct Reservation {
     pub amounts: Vec<u64>,
     /// Charged in Redis (false: the local limiter, nothing to settle).
     pub global: bool,
+    /// Per dimension, (generation, units admitted up to and including this call): what
+    /// a provider header seen for this call cannot have counted yet.
+    pub seq: Vec<(i64, i64)>,
+    /// Settled at most once: the settle marker's name.
+    pub id: uuid::Uuid,
 }
 
 /// The answer to [`Admission::acquire`].
@@ -118,7 +216,7 @@ pub enum Admit {
         /// What the bucket holds.
         capacity: u64,
     },
-    /// The slot is further away than `admission.max_wait_secs`; nothing charged.
+    /// The slot is further away than the wait allowed; nothing charged.
     TooBusy {
         /// How far the slot was.
         wait: Duration,
@@ -130,16 +228,32 @@ pub struct Admission {
     mode: AdmissionMode,
     namespace: String,
     margin: f64,
+    learn: bool,
     max_wait: Duration,
+    max_pause: Duration,
     timeout: Duration,
     pool: Option<deadpool_redis::Pool>,
     script: redis::Script,
     providers: RwLock<BTreeMap<String, ProviderSettings>>,
     local: Mutex<HashMap<String, Arc<local::LocalScope>>>,
-    replicas: AtomicU32,
+    replicas: Mutex<Replicas>,
+    owed: Mutex<HashMap<String, Owed>>,
     redis_down: AtomicBool,
     instance: String,
 }
+
+/// How many replicas share the limits, as the local fallback sees it: the most seen live
+/// lately. A lower count is believed only after it has held for a minute, so a Redis that
+/// restarted (and lost every heartbeat) never makes a replica take the whole limit.
+struct Replicas {
+    n: u32,
+    lower_since: Option<Instant>,
+}
+
+/// What the local fallback admitted on a scope while Redis was unreachable.
+type Owed = (Arc<Scope>, Vec<u64>);
+
+const REPLICAS_LOWER_AFTER: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 enum RedisError {
@@ -149,6 +263,15 @@ enum RedisError {
     Pool(#[from] deadpool_redis::PoolError),
     #[error("{0}")]
     Redis(#[from] redis::RedisError),
+}
+
+/// One script call: the op, its scope, amounts per dimension and the op's own arguments.
+struct Call<'a> {
+    op: &'static str,
+    scope: &'a Scope,
+    amounts: &'a [u64],
+    extra: Vec<String>,
+    marker: Option<String>,
 }
 
 impl Admission {
@@ -172,13 +295,19 @@ impl Admission {
             mode: a.mode,
             namespace: a.namespace.clone(),
             margin: a.safety_margin,
+            learn: a.learn_from_headers,
             max_wait: Duration::from_secs(a.max_wait_secs),
+            max_pause: Duration::from_secs(a.max_pause_secs),
             timeout: Duration::from_millis(a.redis_timeout_ms),
             pool,
-            script: redis::Script::new(GCRA_SCRIPT),
+            script: redis::Script::new(BUDGET_SCRIPT),
             providers: RwLock::new(settings.providers.clone()),
             local: Mutex::new(HashMap::new()),
-            replicas: AtomicU32::new(a.assumed_replicas),
+            replicas: Mutex::new(Replicas {
+                n: a.assumed_replicas,
+                lower_since: None,
+            }),
+            owed: Mutex::new(HashMap::new()),
             redis_down: AtomicBool::new(false),
             instance: uuid::Uuid::now_v7().to_string(),
         })
@@ -195,90 +324,174 @@ impl Admission {
         info!("rate limits reloaded");
     }
 
-    /// The limits of `model` on `provider`; `None` when none are configured.
+    /// The longest wait for a slot a job accepts before it goes back to the queue.
+    pub fn max_wait(&self) -> Duration {
+        self.max_wait
+    }
+
+    /// The limits a call to `model` on `provider` is charged against; `None` when none
+    /// are configured. A key-wide limit (`scope = "key"`) applies to every model name,
+    /// configured or not, and never opens a budget per name; a model named in
+    /// `model_limits` is charged against its own limits as well.
     pub fn scope(&self, provider: &str, model: &str) -> Option<Arc<Scope>> {
         let providers = self.providers.read().ok()?;
         let p = providers.get(provider)?;
-        let l = p.limits_for(model)?;
+        let tag = format!("{{{}:rl:{provider}}}", self.namespace);
+        let model_limits = p
+            .model_limits
+            .iter()
+            .find(|m| m.model == model)
+            .map(|m| &m.limits);
+        let mut budgets: Vec<(String, &RateLimitSettings)> = Vec::new();
+        match &p.rate_limit {
+            Some(l) if l.scope == LimitScope::Key => {
+                budgets.push((format!("{tag}:key"), l));
+                if let Some(m) = model_limits {
+                    budgets.push((format!("{tag}:model:{model}"), m));
+                }
+            }
+            other => {
+                if let Some(l) = model_limits.or(other.as_ref()) {
+                    budgets.push((format!("{tag}:model:{model}"), l));
+                }
+            }
+        }
         let keep = 1.0 - self.margin;
         let mut dims = Vec::new();
-        let mut push = |name: &'static str, v: Option<u64>, burst_secs: f64| {
-            if let Some(v) = v {
-                let per_minute = v as f64 * keep;
-                dims.push(Dim {
-                    name,
-                    per_minute,
-                    burst: (per_minute * burst_secs / 60.0).max(1.0),
-                });
+        let mut hashes = Vec::new();
+        for (hash, l) in budgets {
+            let index = hashes.len();
+            let before = dims.len();
+            for (kind, v, burst_secs) in [
+                (DimKind::Requests, l.rpm, l.request_burst_secs),
+                (DimKind::Tokens, l.tpm, l.token_burst_secs),
+                (DimKind::InputTokens, l.input_tpm, l.token_burst_secs),
+                (DimKind::OutputTokens, l.output_tpm, l.token_burst_secs),
+            ] {
+                if let Some(v) = v {
+                    let per_minute = v as f64 * keep;
+                    dims.push(Dim {
+                        kind,
+                        hash: index,
+                        per_minute,
+                        burst: (per_minute * burst_secs / 60.0).max(1.0),
+                        // Providers report what is left of the minute.
+                        learn: self.learn && burst_secs >= 60.0,
+                    });
+                }
             }
-        };
-        push("requests", l.rpm, l.request_burst_secs);
-        match p.kind {
-            ProviderKind::Openai => push("tokens", l.tpm, l.token_burst_secs),
-            ProviderKind::Anthropic => {
-                push("input_tokens", l.input_tpm, l.token_burst_secs);
-                push("output_tokens", l.output_tpm, l.token_burst_secs);
+            if dims.len() > before {
+                hashes.push(hash);
             }
         }
         if dims.is_empty() {
             return None;
         }
         Some(Arc::new(Scope {
-            key: format!("{{{}:rl:{provider}:{model}}}", self.namespace),
+            key: tag,
+            hashes,
             label: format!("{provider}/{model}"),
             dims,
             refund_unused: p.refund_unused,
         }))
     }
 
-    /// Reserves `amounts` of `scope` for one call.
+    /// Reserves `amounts` of `scope` for one call whose slot may be up to
+    /// `admission.max_wait_secs` away.
     pub async fn acquire(&self, scope: &Arc<Scope>, amounts: Vec<u64>) -> Admit {
-        if self.pool.is_some() {
-            let max_wait = self.max_wait.as_millis().to_string();
-            match self
-                .eval(scope, "acquire", &amounts, &[max_wait], None)
-                .await
-            {
-                Ok(r) => {
-                    self.redis_up();
-                    let wait =
-                        Duration::from_millis(r.get(1).copied().unwrap_or(0).max(0).unsigned_abs());
-                    return match r.first().copied().unwrap_or(-1) {
-                        0 => Admit::Go {
-                            wait,
-                            reservation: Reservation {
-                                scope: scope.clone(),
-                                amounts,
-                                global: true,
-                            },
+        self.acquire_within(scope, amounts, self.max_wait).await
+    }
+
+    /// Reserves `amounts` of `scope` for one call whose slot may be up to `max_wait` away.
+    pub async fn acquire_within(
+        &self,
+        scope: &Arc<Scope>,
+        amounts: Vec<u64>,
+        max_wait: Duration,
+    ) -> Admit {
+        let asked = Instant::now();
+        loop {
+            if self.pool.is_some() {
+                let call = Call {
+                    op: "acquire",
+                    scope,
+                    amounts: &amounts,
+                    extra: vec![max_wait.as_millis().to_string()],
+                    marker: None,
+                };
+                match self.eval(call).await {
+                    Ok(r) => {
+                        self.redis_up().await;
+                        return self.admit_reply(scope, amounts, &r);
+                    }
+                    Err(e) => self.redis_failed(&e),
+                }
+            }
+            let local = self.local_scope(scope);
+            match local.acquire(&amounts).await {
+                Ok(()) => {
+                    if self.pool.is_some() {
+                        self.owe(scope, &amounts);
+                    }
+                    return Admit::Go {
+                        wait: Duration::ZERO,
+                        reservation: Reservation {
+                            scope: scope.clone(),
+                            amounts,
+                            global: false,
+                            seq: Vec::new(),
+                            id: uuid::Uuid::now_v7(),
                         },
-                        1 => {
-                            let i =
-                                usize::try_from(r.get(1).copied().unwrap_or(1) - 1).unwrap_or(0);
-                            self.too_large(scope, &amounts, i)
-                        }
-                        _ => Admit::TooBusy { wait },
                     };
                 }
-                Err(e) => self.redis_failed(&e),
+                Err(i) => {
+                    let whole = scope.dims.get(i).map_or(0.0, |d| d.burst.floor());
+                    let fits_whole = amounts.get(i).is_some_and(|a| (*a as f64) <= whole);
+                    if self.mode == AdmissionMode::Local || !fits_whole {
+                        return self.too_large(scope, &amounts, i);
+                    }
+                    // Too large for this replica's share, not for the limit: wait for
+                    // Redis (and the whole budget) rather than fail the job.
+                    if asked.elapsed() >= max_wait {
+                        return Admit::TooBusy { wait: max_wait };
+                    }
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
             }
         }
-        let local = self.local_scope(scope);
-        match local.acquire(&amounts).await {
-            Ok(()) => Admit::Go {
-                wait: Duration::ZERO,
-                reservation: Reservation {
-                    scope: scope.clone(),
-                    amounts,
-                    global: false,
-                },
-            },
-            Err(i) => self.too_large(scope, &amounts, i),
+    }
+
+    fn admit_reply(&self, scope: &Arc<Scope>, amounts: Vec<u64>, r: &[i64]) -> Admit {
+        let wait = Duration::from_millis(r.get(1).copied().unwrap_or(0).max(0).unsigned_abs());
+        match r.first().copied().unwrap_or(-1) {
+            0 => {
+                let seq = r
+                    .get(3..)
+                    .unwrap_or_default()
+                    .chunks_exact(2)
+                    .map(|c| (c[0], c[1]))
+                    .collect();
+                Admit::Go {
+                    wait,
+                    reservation: Reservation {
+                        scope: scope.clone(),
+                        amounts,
+                        global: true,
+                        seq,
+                        id: uuid::Uuid::now_v7(),
+                    },
+                }
+            }
+            1 => {
+                let i = usize::try_from(r.get(1).copied().unwrap_or(1) - 1).unwrap_or(0);
+                self.too_large(scope, &amounts, i)
+            }
+            _ => Admit::TooBusy { wait },
         }
     }
 
     fn too_large(&self, scope: &Scope, amounts: &[u64], i: usize) -> Admit {
-        let dim = scope.dims.get(i).map_or("tokens", |d| d.name);
+        let dim = scope.dims.get(i).map_or("tokens", Dim::name);
         let capacity = scope.dims.get(i).map_or(0, |d| d.burst.floor() as u64);
         Admit::TooLarge {
             dim,
@@ -296,10 +509,14 @@ impl Admission {
         ahead: u64,
     ) -> Option<Duration> {
         self.pool.as_ref()?;
-        match self
-            .eval(scope, "peek", amounts, &[ahead.to_string()], None)
-            .await
-        {
+        let call = Call {
+            op: "peek",
+            scope,
+            amounts,
+            extra: vec![ahead.to_string()],
+            marker: None,
+        };
+        match self.eval(call).await {
             Ok(r) => Some(Duration::from_millis(
                 r.first().copied().unwrap_or(0).max(0).unsigned_abs(),
             )),
@@ -310,9 +527,17 @@ impl Admission {
     /// Time left of a fleet pause of `scope` (checked after waiting for a slot).
     pub async fn pause_left(&self, scope: &Arc<Scope>) -> Duration {
         if self.pool.is_some() {
-            match self.eval(scope, "check", &[], &[], None).await {
+            let zeros = vec![0; scope.dims.len()];
+            let call = Call {
+                op: "check",
+                scope,
+                amounts: &zeros,
+                extra: Vec::new(),
+                marker: None,
+            };
+            match self.eval(call).await {
                 Ok(r) => {
-                    self.redis_up();
+                    self.redis_up().await;
                     return Duration::from_millis(
                         r.first().copied().unwrap_or(0).max(0).unsigned_abs(),
                     );
@@ -324,20 +549,20 @@ impl Admission {
     }
 
     /// Gives a reservation back whole: the job leaves without calling the provider.
-    pub async fn give_back(&self, job: JobId, r: &Reservation) {
-        self.settle(job, 0, r, &vec![0; r.amounts.len()], &[]).await;
+    pub async fn give_back(&self, r: &Reservation) {
+        self.settle(r, &vec![0; r.amounts.len()], &[], Duration::ZERO)
+            .await;
     }
 
     /// Settles a reservation against what the call used (`actual`, per dimension; all
-    /// zeros when the call never reached the provider) and the provider's remaining
-    /// counts. Idempotent per job and attempt.
+    /// zeros when the call never reached the provider), the provider's remaining counts
+    /// and how long the call took. A reservation is settled once; again is a no-op.
     pub async fn settle(
         &self,
-        job: JobId,
-        attempt: u32,
         r: &Reservation,
         actual: &[u64],
         remaining: &[Option<u64>],
+        took: Duration,
     ) {
         if !r.global || self.pool.is_none() {
             return;
@@ -348,35 +573,97 @@ impl Admission {
         } else {
             "0"
         };
-        let mut extra = vec![refund.to_owned()];
-        extra.extend(actual.iter().map(u64::to_string));
-        extra.extend((0..r.scope.dims.len()).map(|i| {
-            remaining
-                .get(i)
-                .copied()
-                .flatten()
-                .map_or("-1".to_owned(), |v| v.to_string())
-        }));
-        let marker = format!("{}:settled:{job}:{attempt}", r.scope.key);
-        if let Err(e) = self
-            .eval(&r.scope, "settle", &r.amounts, &extra, Some(marker))
-            .await
-        {
+        let mut extra = vec![
+            refund.to_owned(),
+            took.as_millis().to_string(),
+            self.margin.to_string(),
+        ];
+        for i in 0..r.scope.dims.len() {
+            let (gen, seq) = r.seq.get(i).copied().unwrap_or((-1, -1));
+            extra.push(actual.get(i).copied().unwrap_or(0).to_string());
+            extra.push(
+                remaining
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .map_or("-1".to_owned(), |v| v.to_string()),
+            );
+            extra.push(gen.to_string());
+            extra.push(seq.to_string());
+        }
+        let call = Call {
+            op: "settle",
+            scope: &r.scope,
+            amounts: &r.amounts,
+            extra,
+            marker: Some(format!("{}:settled:{}", r.scope.key, r.id)),
+        };
+        if let Err(e) = self.eval(call).await {
             self.redis_failed(&e);
         }
     }
 
-    /// Pauses every replica's use of `scope` for `d` (a provider rate-limit 429). A
-    /// shorter pause never shortens a longer one; buckets restart empty at its end.
+    /// Pauses every replica's use of `scope` for `d` and drains every dimension (a 429
+    /// that does not say which limit it hit).
     pub async fn pause(&self, scope: &Arc<Scope>, d: Duration) {
-        warn!(scope = %scope.label, pause_ms = d.as_millis() as u64, "provider rate limit: pausing the fleet for this limit");
+        self.pause_for(scope, d, &vec![true; scope.dims.len()], &[])
+            .await;
+    }
+
+    /// Pauses every replica's use of `scope` for `d` (a provider rate-limit 429), held to
+    /// `admission.max_pause_secs`, and drains the dimensions marked in `drain` to what the
+    /// provider says is left of them (`remaining`; nothing when it does not say). The
+    /// other dimensions keep their state. A shorter pause never shortens a longer one.
+    pub async fn pause_for(
+        &self,
+        scope: &Arc<Scope>,
+        d: Duration,
+        drain: &[bool],
+        remaining: &[Option<u64>],
+    ) {
+        let d = if d > self.max_pause {
+            warn!(scope = %scope.label, asked_ms = d.as_millis() as u64, cap_ms = self.max_pause.as_millis() as u64, "provider asked for a longer pause than admission.max_pause_secs; capped");
+            self.max_pause
+        } else {
+            d
+        };
+        let drained: Vec<&str> = scope
+            .dims
+            .iter()
+            .zip(drain)
+            .filter(|(_, x)| **x)
+            .map(|(d, _)| d.name())
+            .collect();
+        warn!(scope = %scope.label, pause_ms = d.as_millis() as u64, exceeded = %drained.join(","), "provider rate limit: pausing the fleet for this limit");
         self.local_scope(scope).pause(d);
         if self.pool.is_some() {
             let zeros = vec![0; scope.dims.len()];
-            if let Err(e) = self
-                .eval(scope, "pause", &zeros, &[d.as_millis().to_string()], None)
-                .await
-            {
+            let mut extra = vec![d.as_millis().to_string()];
+            for i in 0..scope.dims.len() {
+                extra.push(
+                    if drain.get(i).copied().unwrap_or(true) {
+                        "1"
+                    } else {
+                        "0"
+                    }
+                    .to_owned(),
+                );
+                extra.push(
+                    remaining
+                        .get(i)
+                        .copied()
+                        .flatten()
+                        .map_or("-1".to_owned(), |v| v.to_string()),
+                );
+            }
+            let call = Call {
+                op: "pause",
+                scope,
+                amounts: &zeros,
+                extra,
+                marker: None,
+            };
+            if let Err(e) = self.eval(call).await {
                 self.redis_failed(&e);
             }
         }
@@ -385,61 +672,98 @@ impl Admission {
     fn local_scope(&self, scope: &Scope) -> Arc<local::LocalScope> {
         let share = match self.mode {
             AdmissionMode::Local => 1.0,
-            AdmissionMode::Global => 1.0 / f64::from(self.replicas.load(Ordering::Relaxed).max(1)),
+            AdmissionMode::Global => 1.0 / f64::from(self.replicas().max(1)),
         };
         let mut map = match self.local.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.entry(scope.key.clone())
+        map.entry(scope.hashes.join("|"))
             .or_insert_with(|| Arc::new(local::LocalScope::new(scope, share)))
             .clone()
     }
 
-    fn redis_up(&self) {
-        if self.redis_down.swap(false, Ordering::Relaxed) {
-            info!("Redis answers again: back on the shared budget");
-            if let Ok(mut l) = self.local.lock() {
-                l.clear();
+    /// Notes what the local fallback admitted, to charge the shared budget with later.
+    fn owe(&self, scope: &Arc<Scope>, amounts: &[u64]) {
+        if let Ok(mut o) = self.owed.lock() {
+            let entry = o
+                .entry(scope.hashes.join("|"))
+                .or_insert_with(|| (scope.clone(), vec![0; amounts.len()]));
+            for (sum, a) in entry.1.iter_mut().zip(amounts) {
+                *sum = sum.saturating_add(*a);
             }
         }
+    }
+
+    fn replicas(&self) -> u32 {
+        self.replicas.lock().map_or(1, |r| r.n)
+    }
+
+    /// Back on Redis: says so once, and charges the shared budget with what the local
+    /// fallback admitted meanwhile.
+    async fn redis_up(&self) {
+        if !self.redis_down.swap(false, Ordering::Relaxed) {
+            return;
+        }
+        if let Ok(mut l) = self.local.lock() {
+            l.clear();
+        }
+        let owed: Vec<Owed> = match self.owed.lock() {
+            Ok(mut o) => o.drain().map(|(_, v)| v).collect(),
+            Err(_) => Vec::new(),
+        };
+        let mut charged = 0usize;
+        for (scope, spent) in owed {
+            let call = Call {
+                op: "charge",
+                scope: &scope,
+                amounts: &spent,
+                extra: Vec::new(),
+                marker: None,
+            };
+            if self.eval(call).await.is_ok() {
+                charged += 1;
+            }
+        }
+        info!(
+            scopes_charged = charged,
+            "Redis answers again: back on the shared budget (what was admitted meanwhile is charged to it)"
+        );
     }
 
     fn redis_failed(&self, e: &RedisError) {
         if !self.redis_down.swap(true, Ordering::Relaxed) {
             warn!(
                 error = %e,
-                replicas = self.replicas.load(Ordering::Relaxed),
+                replicas = self.replicas(),
                 "Redis unreachable: admitting with this replica's share of each limit until it returns"
             );
         }
     }
 
-    async fn eval(
-        &self,
-        scope: &Scope,
-        op: &str,
-        amounts: &[u64],
-        extra: &[String],
-        marker: Option<String>,
-    ) -> Result<Vec<i64>, RedisError> {
+    async fn eval(&self, call: Call<'_>) -> Result<Vec<i64>, RedisError> {
         let Some(pool) = &self.pool else {
             return Err(RedisError::Timeout);
         };
+        let scope = call.scope;
         let mut conn = tokio::time::timeout(self.timeout, pool.get())
             .await
             .map_err(|_| RedisError::Timeout)??;
         let mut inv = self.script.prepare_invoke();
-        inv.key(&scope.key);
-        inv.key(marker.unwrap_or_else(|| format!("{}:-", scope.key)));
-        inv.arg(op)
-            .arg(if op == "check" { 0 } else { scope.dims.len() });
-        if op != "check" {
-            for (d, a) in scope.dims.iter().zip(amounts) {
-                inv.arg(d.name).arg(d.per_minute).arg(d.burst).arg(*a);
-            }
+        inv.key(call.marker.unwrap_or_else(|| format!("{}:-", scope.key)));
+        for h in &scope.hashes {
+            inv.key(h);
         }
-        for e in extra {
+        inv.arg(call.op).arg(scope.dims.len());
+        for (d, a) in scope.dims.iter().zip(call.amounts) {
+            inv.arg(d.hash + 2)
+                .arg(d.name())
+                .arg(d.per_minute)
+                .arg(d.burst)
+                .arg(*a)
+                .arg(u8::from(d.learn));
+        }
+        for e in &call.extra {
             inv.arg(e);
         }
         let r: Vec<i64> = tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn))
@@ -476,12 +800,7 @@ impl Admission {
                 Some(n)
             };
             if let Ok(Some(n)) = tokio::time::timeout(Duration::from_secs(2), beat).await {
-                let old = self.replicas.swap(n.max(1), Ordering::Relaxed);
-                if old != n.max(1) {
-                    if let Ok(mut l) = self.local.lock() {
-                        l.clear();
-                    }
-                }
+                self.seen_replicas(n.max(1));
             }
             tokio::select! {
                 () = stop.cancelled() => break,
@@ -494,6 +813,35 @@ impl Admission {
                 .arg(&self.instance)
                 .query_async(&mut *conn)
                 .await;
+        }
+    }
+
+    /// Takes a live count: a higher one at once, a lower one once it has held a minute.
+    fn seen_replicas(&self, n: u32) {
+        let changed = {
+            let Ok(mut r) = self.replicas.lock() else {
+                return;
+            };
+            if n >= r.n {
+                r.lower_since = None;
+                let changed = n != r.n;
+                r.n = n;
+                changed
+            } else {
+                let since = *r.lower_since.get_or_insert_with(Instant::now);
+                if since.elapsed() >= REPLICAS_LOWER_AFTER {
+                    r.n = n;
+                    r.lower_since = None;
+                    true
+                } else {
+                    false
+                }
+            }
+        };
+        if changed {
+            if let Ok(mut l) = self.local.lock() {
+                l.clear();
+            }
         }
     }
 }

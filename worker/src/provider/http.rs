@@ -132,6 +132,7 @@ impl HttpAccount {
                 body: text,
                 retry_after: retry_after(&headers),
                 request_id: rid,
+                remaining: Box::new(super::Remaining::from_headers(&headers)),
             });
         }
         if !complete {

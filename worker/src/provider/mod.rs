@@ -94,6 +94,8 @@ pub enum CallError {
         retry_after: Option<Duration>,
         /// Provider request id.
         request_id: Option<String>,
+        /// What its headers say is left of its limits (a 429 says which ran out).
+        remaining: Box<Remaining>,
     },
     /// Could not connect (refused, reset, DNS, TLS).
     Connect(String),

@@ -1,0 +1,223 @@
+-- llmq_budget_v2: the fleet's shared budget, one atomic script.
+--
+-- Called by worker/src/admission/mod.rs (`Admission::eval`, replies decoded by the
+-- methods beside it); change both together and bump the version in this file's name
+-- when the calling convention changes.
+--
+-- Multi-dimension GCRA with reservations. A call is charged against one or more scope
+-- hashes at once (its model's limits and its key's limits, when both are configured):
+-- every dimension of every scope is charged, or none is. The answer is never "try
+-- again": it is the start of the call's slot (now, or in Δ ms). Slots are handed out in
+-- arrival order (FIFO), so a large job is never starved by small ones.
+--
+-- KEYS[1]   marker: "<scope>:settled:<job>:<attempt>" for settle, else any key of the slot
+-- KEYS[2..] the scope hashes, all with one hash tag, e.g. "{llmq:rl:openai}:model:gpt-4o"
+--           and "{llmq:rl:openai}:key"; fields:
+--             tat:<dim>    theoretical arrival time of the dimension, ms (float)
+--             adm:<dim>    units ever admitted (to tell what a provider header has not seen)
+--             gen:<dim>    when adm:<dim> began counting (a restarted Redis starts anew)
+--             pause_until  fleet pause after a provider 429, ms
+-- ARGV[1]   op: acquire | settle | pause | check | peek | charge
+-- ARGV[2]   n, the number of dimensions; then 6 values per dimension:
+--             hash (index into KEYS), name, limit per minute, burst (units the bucket
+--             holds), amount, learn (1: the provider's headers report this dimension's
+--             level over the window this bucket models, so they may set it)
+-- then, per op:
+--   acquire: max_wait_ms        -> {0, wait_ms, pause_ms, gen_1, seq_1, ..., gen_n, seq_n}
+--                                   go (charged) at now+wait; seq = adm after the charge
+--                                  {1, dim_index, 0}      amount > burst: never fits
+--                                  {2, wait_ms, pause_ms} wait > max_wait: not charged
+--   settle:  refund(0|1), call_ms (send to answer), slack_share, then per dimension:
+--            actual, remaining (-1 unknown), gen, seq (-1 unknown)
+--                                -> {1} applied, {0} already settled (idempotent)
+--   pause:   pause_ms, then per dimension: drain(0|1), remaining (-1 unknown)
+--                                -> {remaining pause ms}
+--   check:                       -> {remaining pause ms}
+--   peek:    ahead (jobs served first) -> {ms until a job of these amounts would start}
+--   charge:  (amounts used while Redis was unreachable) -> {1}
+--
+-- Time is Redis server time (TIME), so replicas' clocks do not matter. A dimension with
+-- no state (first use, or Redis restarted empty) starts EMPTY: we cannot know what was
+-- spent in the last minute. The first answer whose headers report the provider's own
+-- count sets it (settle, `learn`), so an idle account's minute is not thrown away.
+-- State expires after a day idle.
+
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local op = ARGV[1]
+local n = tonumber(ARGV[2])
+
+local dims = {}
+for i = 1, n do
+  local base = 2 + (i - 1) * 6
+  local limit = tonumber(ARGV[base + 3])
+  local d = {
+    key = KEYS[tonumber(ARGV[base + 1])],
+    name = ARGV[base + 2],
+    interval = 60000 / limit,          -- ms per unit
+    burst = tonumber(ARGV[base + 4]),
+    amount = tonumber(ARGV[base + 5]),
+    learn = ARGV[base + 6] == '1',
+  }
+  d.tau = d.burst * d.interval           -- ms of capacity the bucket holds
+  local tat = redis.call('HGET', d.key, 'tat:' .. d.name)
+  d.known = tat ~= false
+  d.tat = tat and tonumber(tat) or (now + d.tau)
+  dims[i] = d
+end
+local rest = 2 + n * 6
+
+local pause_until = 0
+for k = 2, #KEYS do
+  pause_until = math.max(pause_until, tonumber(redis.call('HGET', KEYS[k], 'pause_until') or '0'))
+end
+
+local function save()
+  for i = 1, n do
+    redis.call('HSET', dims[i].key, 'tat:' .. dims[i].name, string.format('%.3f', dims[i].tat))
+  end
+  for k = 2, #KEYS do
+    redis.call('PEXPIRE', KEYS[k], 86400000)
+  end
+end
+
+local function pause_left()
+  return math.max(0, math.ceil(pause_until - now))
+end
+
+-- Units the bucket holds now (negative: slots already promised beyond it).
+local function level(d)
+  return (now + d.tau - d.tat) / d.interval
+end
+
+local function set_level(d, units)
+  d.tat = now + d.tau - units * d.interval
+end
+
+if op == 'acquire' then
+  local max_wait = tonumber(ARGV[rest + 1])
+  local start = math.max(now, pause_until)
+  for i = 1, n do
+    local d = dims[i]
+    if d.amount > d.burst then
+      return {1, i, 0}
+    end
+    -- earliest instant this dimension has room: its TAT after the charge, less its burst
+    start = math.max(start, math.max(d.tat, now) + d.amount * d.interval - d.tau)
+  end
+  local wait = start - now
+  if wait > max_wait then
+    -- Nothing is charged, but a limit seen for the first time keeps its (empty) state,
+    -- so it fills from now on; unsaved, every later ask would start empty again and a
+    -- job whose first slot is past max_wait would be sent back forever.
+    save()
+    return {2, math.ceil(wait), pause_left()}
+  end
+  local reply = {0, math.ceil(wait), pause_left()}
+  for i = 1, n do
+    local d = dims[i]
+    d.tat = math.max(d.tat, start) + d.amount * d.interval
+    local gen = redis.call('HGET', d.key, 'gen:' .. d.name)
+    if not gen then
+      gen = string.format('%d', now)
+      redis.call('HSET', d.key, 'gen:' .. d.name, gen)
+    end
+    local adm = redis.call('HINCRBY', d.key, 'adm:' .. d.name, d.amount)
+    reply[#reply + 1] = tonumber(gen)
+    reply[#reply + 1] = adm
+  end
+  save()
+  return reply
+
+elseif op == 'settle' then
+  if not redis.call('SET', KEYS[1], '1', 'NX', 'PX', 86400000) then
+    return {0}
+  end
+  local refund = ARGV[rest + 1] == '1'
+  local call_ms = tonumber(ARGV[rest + 2])
+  local slack_share = tonumber(ARGV[rest + 3])
+  for i = 1, n do
+    local d = dims[i]
+    local a = rest + 3 + (i - 1) * 4
+    local actual = tonumber(ARGV[a + 1])
+    local remaining = tonumber(ARGV[a + 2])
+    local gen = tonumber(ARGV[a + 3])
+    local seq = tonumber(ARGV[a + 4])
+    local delta = actual - d.amount
+    if delta > 0 then
+      d.tat = math.max(d.tat, now) + delta * d.interval      -- charge the excess
+    elseif delta < 0 and refund then
+      d.tat = math.max(d.tat + delta * d.interval, now)       -- give back, never past full
+    end
+    if remaining >= 0 and d.learn and seq >= 0 then
+      -- The provider counted `remaining` when it took this call. What we admitted after
+      -- this call it had not seen yet; what refilled since the call was sent is not
+      -- counted (conservative). Its count may loosen our bucket as well as tighten it.
+      local my_gen = tonumber(redis.call('HGET', d.key, 'gen:' .. d.name) or '-1')
+      local adm = tonumber(redis.call('HGET', d.key, 'adm:' .. d.name) or '0')
+      if my_gen == gen and adm >= seq then
+        local since = adm - seq
+        local lower = remaining - since - d.burst * slack_share
+        local upper = remaining - since + call_ms / d.interval
+        local l = level(d)
+        if l < lower then
+          set_level(d, math.min(lower, d.burst))
+        elseif l > upper then
+          set_level(d, upper)
+        end
+      end
+    elseif remaining >= 0 and remaining < d.burst then
+      -- A bucket the headers do not describe exactly (e.g. requests paced per second
+      -- against a per-minute count): the count only ever lowers what we think is left.
+      d.tat = math.max(d.tat, now + d.tau - remaining * d.interval)
+    end
+  end
+  save()
+  return {1}
+
+elseif op == 'pause' then
+  local until_ms = now + tonumber(ARGV[rest + 1])
+  if until_ms > pause_until then
+    pause_until = until_ms
+    for k = 2, #KEYS do
+      redis.call('HSET', KEYS[k], 'pause_until', string.format('%.3f', pause_until))
+    end
+  end
+  -- Only the dimensions the provider named are drained, to what it says is left (0 when
+  -- it does not say); the others keep their state.
+  for i = 1, n do
+    local d = dims[i]
+    local a = rest + 1 + (i - 1) * 2
+    if ARGV[a + 1] == '1' then
+      local remaining = math.max(0, tonumber(ARGV[a + 2]))
+      d.tat = math.max(d.tat, now + d.tau - math.min(remaining, d.burst) * d.interval)
+    end
+  end
+  save()
+  return {pause_left()}
+
+elseif op == 'check' then
+  return {pause_left()}
+
+elseif op == 'peek' then
+  -- Read only: when would a job of these amounts start if `ahead` jobs like it were
+  -- served first? Nothing is charged.
+  local ahead = tonumber(ARGV[rest + 1])
+  local start = math.max(now, pause_until)
+  for i = 1, n do
+    local d = dims[i]
+    start = math.max(start, math.max(d.tat, now) + (ahead + 1) * d.amount * d.interval - d.tau)
+  end
+  return {math.ceil(start - now)}
+
+elseif op == 'charge' then
+  -- What replicas admitted on their local share while Redis was unreachable is spent.
+  for i = 1, n do
+    local d = dims[i]
+    d.tat = math.max(d.tat, now) + d.amount * d.interval
+  end
+  save()
+  return {1}
+end
+
+return redis.error_reply('llmq_budget_v2: unknown op ' .. tostring(op))
