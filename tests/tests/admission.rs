@@ -626,3 +626,81 @@ async fn limits_change_without_a_restart_and_keep_the_safety_margin() {
         scope.dims
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cap_on_calls_in_flight_holds_across_replicas() {
+    // A gateway allowing 3 calls at once on the key; two replicas of 16 slots each.
+    let app = spawn_app_with(AppOptions {
+        mock: MockConfig {
+            latency: Duration::from_millis(200),
+            limits: Some(MockLimits {
+                max_concurrent: Some(3),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+        rate_limit: Some(RateLimitSettings {
+            max_concurrent: Some(3),
+            ..Default::default()
+        }),
+        workers: 2,
+        concurrency: 16,
+        ..Default::default()
+    })
+    .await;
+    let client = app.client().await;
+    for i in 0..30 {
+        client
+            .enqueue(
+                NewJob::new(
+                    "acme",
+                    "gpt-4o-mini",
+                    vec![ChatMessage::user(format!("c{i}"))],
+                )
+                .max_tokens(10),
+            )
+            .await
+            .unwrap();
+    }
+    let counts = app.wait_all_terminal(30, Duration::from_secs(120)).await;
+    assert_eq!(counts, vec![("succeeded".to_string(), 30)]);
+    let stats = app.mock.stats();
+    assert_eq!(stats.rate_limited, 0, "{stats:?}");
+    let peak = stats
+        .by_key
+        .values()
+        .map(|k| k.max_in_flight_seen)
+        .max()
+        .unwrap();
+    assert!(peak <= 3, "{peak} calls in flight at once");
+    assert!(peak >= 2, "the cap was never used: {peak}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_relays_per_key_limit_over_three_models_sees_no_429() {
+    // The provider limits the key across models (a relay): 300 RPM, paced per second.
+    let mut opts = limited_app_options(300, 10_000_000, 300, 10_000_000);
+    if let Some(l) = opts.rate_limit.as_mut() {
+        l.scope = LimitScope::Key;
+    }
+    let app = spawn_app_with(opts).await;
+    let client = app.client().await;
+    let models = ["gpt-4o-mini", "gpt-4o", "gpt-4.1-mini"];
+    for i in 0..60 {
+        client
+            .enqueue(
+                NewJob::new(
+                    "acme",
+                    models[i % 3],
+                    vec![ChatMessage::user(format!("k{i}"))],
+                )
+                .max_tokens(10),
+            )
+            .await
+            .unwrap();
+    }
+    let counts = app.wait_all_terminal(60, Duration::from_secs(120)).await;
+    assert_eq!(counts, vec![("succeeded".to_string(), 60)]);
+    let stats = app.mock.stats();
+    assert_eq!(stats.rate_limited, 0, "{stats:?}");
+}

@@ -605,6 +605,19 @@ impl Worker {
             ack(&delivery).await;
             return Processed::Duplicate;
         };
+        // A cap on calls in flight (when the limits have one): wait for a slot under it.
+        let lease = match &scope {
+            Some(sc) => tokio::select! {
+                l = self.admission.lease(sc) => l,
+                () = self.hard_stop.cancelled() => {
+                    if let Some(r) = &reservation {
+                        self.admission.give_back(r).await;
+                    }
+                    return Processed::HandedBack;
+                }
+            },
+            None => admission::Lease::None,
+        };
         if reservation.is_some() {
             tokio::time::sleep_until(slot).await;
             self.metrics
@@ -622,9 +635,14 @@ impl Worker {
         // The text is relayed as it is written; all of it is out before the outcome is
         // recorded, so a reader that sees the outcome has seen the whole text.
         let relay = self.live.relay(id.0, attempt);
-        let result = provider
-            .complete(&route.model, &env.request, &|t: &str| relay.push(t))
+        let result = self
+            .admission
+            .holding(
+                &lease,
+                provider.complete(&route.model, &env.request, &|t: &str| relay.push(t)),
+            )
             .await;
+        self.admission.release(lease).await;
         relay.finish().await;
         let latency_ms = u32::try_from(clock.elapsed().as_millis()).unwrap_or(u32::MAX);
         // What the provider's headers say is left, per dimension of the scope (a 429's

@@ -129,7 +129,7 @@ pub enum AdmissionMode {
 }
 
 /// A provider account's rate limits for a model (or all its models).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 pub struct RateLimitSettings {
     /// Requests per minute.
     #[serde(default)]
@@ -157,6 +157,26 @@ pub struct RateLimitSettings {
     /// its `model_limits` are then charged together with it.
     #[serde(default)]
     pub scope: LimitScope,
+    /// Calls allowed in flight at once across the fleet (an account's or gateway's cap on
+    /// simultaneous requests); none = no cap.
+    #[serde(default)]
+    pub max_concurrent: Option<u64>,
+}
+
+impl Default for RateLimitSettings {
+    /// No limit at all, with the default burst windows.
+    fn default() -> Self {
+        Self {
+            rpm: None,
+            tpm: None,
+            input_tpm: None,
+            output_tpm: None,
+            request_burst_secs: one(),
+            token_burst_secs: sixty(),
+            scope: LimitScope::Model,
+            max_concurrent: None,
+        }
+    }
 }
 
 /// See [`RateLimitSettings::scope`].
@@ -461,6 +481,7 @@ impl Settings {
                     ("tpm", l.tpm),
                     ("input_tpm", l.input_tpm),
                     ("output_tpm", l.output_tpm),
+                    ("max_concurrent", l.max_concurrent),
                 ] {
                     if v == Some(0) {
                         return Err(invalid(

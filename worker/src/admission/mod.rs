@@ -31,8 +31,14 @@ pub use estimate::prompt_tokens;
 
 use crate::settings::{AdmissionMode, LimitScope, ProviderSettings, RateLimitSettings, Settings};
 
-/// The script (see the file for its calling convention and results).
+/// The budget script (see the file for its calling convention and results).
 const BUDGET_SCRIPT: &str = include_str!("llmq_budget_v2.lua");
+/// The concurrency-lease script.
+const LEASES_SCRIPT: &str = include_str!("llmq_leases_v1.lua");
+
+/// How long a lease on a concurrency slot lasts unless renewed; a running call renews
+/// it every third of this, so a replica that dies frees its slots within this.
+const LEASE: Duration = Duration::from_secs(30);
 
 /// What a dimension counts.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -104,6 +110,8 @@ pub struct Scope {
     pub dims: Vec<Dim>,
     /// Whether unused reserved tokens are given back at settle.
     pub refund_unused: bool,
+    /// Caps on calls in flight: (index into `hashes`, cap).
+    pub concurrency: Vec<(usize, u64)>,
 }
 
 impl Scope {
@@ -145,6 +153,10 @@ impl Scope {
         remaining: &[Option<u64>],
     ) -> Vec<bool> {
         let text = format!("{} {}", error_type.unwrap_or(""), message).to_lowercase();
+        if text.contains("concurrent") {
+            // A cap on calls in flight, not a rate: no bucket is drained.
+            return vec![false; self.dims.len()];
+        }
         let named = |kind: DimKind| -> bool {
             let zero = self
                 .dims
@@ -197,6 +209,22 @@ pub struct Reservation {
     pub id: uuid::Uuid,
 }
 
+/// A slot under a scope's concurrency caps, held for one call.
+#[derive(Debug)]
+pub enum Lease {
+    /// The scope has no cap.
+    None,
+    /// Leased in Redis (lapses if not renewed).
+    Global {
+        /// The scope whose caps it counts against.
+        scope: Arc<Scope>,
+        /// The lease's member name.
+        member: String,
+    },
+    /// This replica's share of each cap, while Redis is unreachable.
+    Local(Vec<tokio::sync::OwnedSemaphorePermit>),
+}
+
 /// The answer to [`Admission::acquire`].
 #[derive(Debug)]
 pub enum Admit {
@@ -234,6 +262,8 @@ pub struct Admission {
     timeout: Duration,
     pool: Option<deadpool_redis::Pool>,
     script: redis::Script,
+    leases: redis::Script,
+    local_leases: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
     providers: RwLock<BTreeMap<String, ProviderSettings>>,
     local: Mutex<HashMap<String, Arc<local::LocalScope>>>,
     replicas: Mutex<Replicas>,
@@ -301,6 +331,8 @@ impl Admission {
             timeout: Duration::from_millis(a.redis_timeout_ms),
             pool,
             script: redis::Script::new(BUDGET_SCRIPT),
+            leases: redis::Script::new(LEASES_SCRIPT),
+            local_leases: Mutex::new(HashMap::new()),
             providers: RwLock::new(settings.providers.clone()),
             local: Mutex::new(HashMap::new()),
             replicas: Mutex::new(Replicas {
@@ -359,6 +391,7 @@ impl Admission {
         let keep = 1.0 - self.margin;
         let mut dims = Vec::new();
         let mut hashes = Vec::new();
+        let mut concurrency = Vec::new();
         for (hash, l) in budgets {
             let index = hashes.len();
             let before = dims.len();
@@ -380,11 +413,14 @@ impl Admission {
                     });
                 }
             }
-            if dims.len() > before {
+            if let Some(cap) = l.max_concurrent {
+                concurrency.push((index, cap));
+            }
+            if dims.len() > before || l.max_concurrent.is_some() {
                 hashes.push(hash);
             }
         }
-        if dims.is_empty() {
+        if dims.is_empty() && concurrency.is_empty() {
             return None;
         }
         Some(Arc::new(Scope {
@@ -393,6 +429,7 @@ impl Admission {
             label: format!("{provider}/{model}"),
             dims,
             refund_unused: p.refund_unused,
+            concurrency,
         }))
     }
 
@@ -667,6 +704,121 @@ impl Admission {
                 self.redis_failed(&e);
             }
         }
+    }
+
+    /// Waits for a slot under every concurrency cap of `scope` (none: at once) and
+    /// holds it until [`Admission::release`]. With Redis unreachable, this replica's
+    /// share of each cap is held locally.
+    pub async fn lease(&self, scope: &Arc<Scope>) -> Lease {
+        let member = uuid::Uuid::now_v7().to_string();
+        if scope.concurrency.is_empty() {
+            return Lease::None;
+        }
+        loop {
+            if self.pool.is_some() {
+                let mut args = vec![
+                    "take".to_owned(),
+                    member.clone(),
+                    LEASE.as_millis().to_string(),
+                ];
+                args.extend(scope.concurrency.iter().map(|(_, cap)| cap.to_string()));
+                match self.eval_leases(scope, &args).await {
+                    Ok(r) if r.first() == Some(&1) => {
+                        self.redis_up().await;
+                        return Lease::Global {
+                            scope: scope.clone(),
+                            member,
+                        };
+                    }
+                    Ok(r) => {
+                        self.redis_up().await;
+                        let ms = r.get(1).copied().unwrap_or(20).clamp(1, 100);
+                        let jitter = u64::from(uuid::Uuid::now_v7().as_bytes()[15] % 10);
+                        tokio::time::sleep(Duration::from_millis(ms.unsigned_abs() + jitter)).await;
+                        continue;
+                    }
+                    Err(e) => self.redis_failed(&e),
+                }
+            }
+            let share = match self.mode {
+                AdmissionMode::Local => 1.0,
+                AdmissionMode::Global => 1.0 / f64::from(self.replicas().max(1)),
+            };
+            let semaphores: Vec<Arc<tokio::sync::Semaphore>> = {
+                let mut map = match self.local_leases.lock() {
+                    Ok(m) => m,
+                    Err(p) => p.into_inner(),
+                };
+                scope
+                    .concurrency
+                    .iter()
+                    .map(|(i, cap)| {
+                        let permits = ((*cap as f64 * share).floor() as usize).max(1);
+                        map.entry(format!("{}:{permits}", scope.hashes[*i]))
+                            .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(permits)))
+                            .clone()
+                    })
+                    .collect()
+            };
+            let mut permits = Vec::new();
+            for s in semaphores {
+                if let Ok(p) = s.acquire_owned().await {
+                    permits.push(p);
+                }
+            }
+            return Lease::Local(permits);
+        }
+    }
+
+    /// Runs `call` while holding `lease`, renewing it so a long call keeps its slot.
+    pub async fn holding<F: std::future::Future>(&self, lease: &Lease, call: F) -> F::Output {
+        let Lease::Global { scope, member } = lease else {
+            return call.await;
+        };
+        tokio::pin!(call);
+        loop {
+            tokio::select! {
+                out = &mut call => return out,
+                () = tokio::time::sleep(LEASE / 3) => {
+                    let args = vec![
+                        "renew".to_owned(),
+                        member.clone(),
+                        LEASE.as_millis().to_string(),
+                    ];
+                    let _ = self.eval_leases(scope, &args).await;
+                }
+            }
+        }
+    }
+
+    /// Gives a concurrency slot back.
+    pub async fn release(&self, lease: Lease) {
+        if let Lease::Global { scope, member } = lease {
+            let args = vec!["give".to_owned(), member];
+            if let Err(e) = self.eval_leases(&scope, &args).await {
+                self.redis_failed(&e);
+            }
+        }
+    }
+
+    async fn eval_leases(&self, scope: &Scope, args: &[String]) -> Result<Vec<i64>, RedisError> {
+        let Some(pool) = &self.pool else {
+            return Err(RedisError::Timeout);
+        };
+        let mut conn = tokio::time::timeout(self.timeout, pool.get())
+            .await
+            .map_err(|_| RedisError::Timeout)??;
+        let mut inv = self.leases.prepare_invoke();
+        for (i, _) in &scope.concurrency {
+            inv.key(format!("{}:leases", scope.hashes[*i]));
+        }
+        for a in args {
+            inv.arg(a);
+        }
+        let r: Vec<i64> = tokio::time::timeout(self.timeout, inv.invoke_async(&mut conn))
+            .await
+            .map_err(|_| RedisError::Timeout)??;
+        Ok(r)
     }
 
     fn local_scope(&self, scope: &Scope) -> Arc<local::LocalScope> {
