@@ -12,7 +12,7 @@ use lapin::types::FieldTable;
 use lapin::BasicProperties;
 use llmq_producer_sdk::{ChatMessage, ChatRequest, JobId, JobState, NewJob, Usage};
 use llmq_tests::{spawn_app_with, AppOptions};
-use llmq_worker::provider::{CallError, Deltas, Provider, ProviderReply, Remaining};
+use llmq_worker::provider::{CallError, Observer, Provider, ProviderReply, Remaining};
 use llmq_worker::settings::{ProviderKind, RateLimitSettings};
 use llmq_worker::store;
 use tokio_util::sync::CancellationToken;
@@ -303,7 +303,7 @@ impl Provider for PanicsOnce {
         &'a self,
         model: &'a str,
         request: &'a ChatRequest,
-        _deltas: &'a Deltas<'a>,
+        _observer: &'a Observer<'a>,
     ) -> BoxFuture<'a, Result<ProviderReply, CallError>> {
         Box::pin(async move {
             let prompt = request.messages[0].content.clone();

@@ -36,7 +36,7 @@ use tracing::{info, warn, Instrument};
 use crate::admission::{self, Admission, Admit};
 use crate::breaker::{Breaker, Permit, Signal};
 use crate::outcome::{classify, ErrorClass, Failure, Outcome};
-use crate::provider::{self, CallError, Provider};
+use crate::provider::{self, CallError, Observer, Provider, Remaining};
 use crate::publish::{with_header, Publisher};
 use crate::retry;
 use crate::settings::Settings;
@@ -635,13 +635,41 @@ impl Worker {
         // The text is relayed as it is written; all of it is out before the outcome is
         // recorded, so a reader that sees the outcome has seen the whole text.
         let relay = self.live.relay(id.0, attempt);
-        let result = self
-            .admission
-            .holding(
+        // A streamed answer's rate-limit headers reach the budget as soon as its head
+        // arrives, not when its text is over.
+        let mut learned = false;
+        let result = {
+            let (head_tx, mut head_rx) = tokio::sync::oneshot::channel::<Remaining>();
+            let head_tx = std::sync::Mutex::new(Some(head_tx));
+            let on_head = |r: &Remaining| {
+                if let Some(tx) = head_tx.lock().ok().and_then(|mut t| t.take()) {
+                    let _ = tx.send(*r);
+                }
+            };
+            let on_text = |t: &str| relay.push(t);
+            let observer = Observer {
+                text: &on_text,
+                head: &on_head,
+            };
+            let call = self.admission.holding(
                 &lease,
-                provider.complete(&route.model, &env.request, &|t: &str| relay.push(t)),
-            )
-            .await;
+                provider.complete(&route.model, &env.request, &observer),
+            );
+            tokio::pin!(call);
+            loop {
+                tokio::select! {
+                    out = &mut call => break out,
+                    Ok(head) = &mut head_rx, if !learned => {
+                        learned = true;
+                        if let Some(r) = &reservation {
+                            let seen: Vec<Option<u64>> =
+                                r.scope.dims.iter().map(|d| head.for_dim(d.name())).collect();
+                            self.admission.learn(r, &seen, clock.elapsed()).await;
+                        }
+                    }
+                }
+            }
+        };
         self.admission.release(lease).await;
         relay.finish().await;
         let latency_ms = u32::try_from(clock.elapsed().as_millis()).unwrap_or(u32::MAX);
@@ -661,6 +689,7 @@ impl Worker {
         if let Some(r) = &reservation {
             let n = r.amounts.len();
             let (actual, seen): (Vec<u64>, &[Option<u64>]) = match &result {
+                Ok(reply) if learned => (r.scope.actual(&reply.usage), &[]),
                 Ok(reply) => (r.scope.actual(&reply.usage), &remaining),
                 // Never reached the provider, or refused by its limiter: give it back.
                 Err(CallError::Connect(_)) | Err(CallError::Http { status: 429, .. }) => {

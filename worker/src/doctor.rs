@@ -205,7 +205,7 @@ pub async fn run(settings: &Settings, provider_name: &str, model: &str) -> anyho
     let t = Instant::now();
     let outcome = classify(
         adapter
-            .complete(model, &request, &crate::provider::ignore_deltas)
+            .complete(model, &request, &crate::provider::IGNORE)
             .await,
     );
     let ms = t.elapsed().as_millis();

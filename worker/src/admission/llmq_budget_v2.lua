@@ -17,7 +17,7 @@
 --             adm:<dim>    units ever admitted (to tell what a provider header has not seen)
 --             gen:<dim>    when adm:<dim> began counting (a restarted Redis starts anew)
 --             pause_until  fleet pause after a provider 429, ms
--- ARGV[1]   op: acquire | settle | pause | check | peek | charge
+-- ARGV[1]   op: acquire | settle | learn | pause | check | peek | charge
 -- ARGV[2]   n, the number of dimensions; then 6 values per dimension:
 --             hash (index into KEYS), name, limit per minute, burst (units the bucket
 --             holds), amount, learn (1: the provider's headers report this dimension's
@@ -30,6 +30,8 @@
 --   settle:  refund(0|1), call_ms (send to answer), slack_share, then per dimension:
 --            actual, remaining (-1 unknown), gen, seq (-1 unknown)
 --                                -> {1} applied, {0} already settled (idempotent)
+--   learn:   call_ms, slack_share, then per dimension: remaining, gen, seq
+--            (a streamed answer's headers, as soon as they arrive) -> {1}
 --   pause:   pause_ms, then per dimension: drain(0|1), remaining (-1 unknown)
 --                                -> {remaining pause ms}
 --   check:                       -> {remaining pause ms}
@@ -94,6 +96,37 @@ local function set_level(d, units)
   d.tat = now + d.tau - units * d.interval
 end
 
+-- What a provider header says is left (`remaining`, -1 unknown) of a dimension, seen on
+-- the answer to a call admitted as number `seq` of generation `gen`, `call_ms` after it
+-- was sent.
+local function observe(d, remaining, gen, seq, call_ms, slack_share)
+  if remaining < 0 then
+    return
+  end
+  if d.learn and seq >= 0 then
+    -- The provider counted `remaining` when it took this call. What we admitted after
+    -- this call it had not seen yet; what refilled since the call was sent is not
+    -- counted (conservative). Its count may loosen our bucket as well as tighten it.
+    local my_gen = tonumber(redis.call('HGET', d.key, 'gen:' .. d.name) or '-1')
+    local adm = tonumber(redis.call('HGET', d.key, 'adm:' .. d.name) or '0')
+    if my_gen == gen and adm >= seq then
+      local since = adm - seq
+      local lower = remaining - since - d.burst * slack_share
+      local upper = remaining - since + call_ms / d.interval
+      local l = level(d)
+      if l < lower then
+        set_level(d, math.min(lower, d.burst))
+      elseif l > upper then
+        set_level(d, upper)
+      end
+    end
+  elseif remaining < d.burst then
+    -- A bucket the headers do not describe exactly (e.g. requests paced per second
+    -- against a per-minute count): the count only ever lowers what we think is left.
+    d.tat = math.max(d.tat, now + d.tau - remaining * d.interval)
+  end
+end
+
 if op == 'acquire' then
   local max_wait = tonumber(ARGV[rest + 1])
   local start = math.max(now, pause_until)
@@ -139,38 +172,23 @@ elseif op == 'settle' then
   for i = 1, n do
     local d = dims[i]
     local a = rest + 3 + (i - 1) * 4
-    local actual = tonumber(ARGV[a + 1])
-    local remaining = tonumber(ARGV[a + 2])
-    local gen = tonumber(ARGV[a + 3])
-    local seq = tonumber(ARGV[a + 4])
-    local delta = actual - d.amount
+    local delta = tonumber(ARGV[a + 1]) - d.amount
     if delta > 0 then
       d.tat = math.max(d.tat, now) + delta * d.interval      -- charge the excess
     elseif delta < 0 and refund then
       d.tat = math.max(d.tat + delta * d.interval, now)       -- give back, never past full
     end
-    if remaining >= 0 and d.learn and seq >= 0 then
-      -- The provider counted `remaining` when it took this call. What we admitted after
-      -- this call it had not seen yet; what refilled since the call was sent is not
-      -- counted (conservative). Its count may loosen our bucket as well as tighten it.
-      local my_gen = tonumber(redis.call('HGET', d.key, 'gen:' .. d.name) or '-1')
-      local adm = tonumber(redis.call('HGET', d.key, 'adm:' .. d.name) or '0')
-      if my_gen == gen and adm >= seq then
-        local since = adm - seq
-        local lower = remaining - since - d.burst * slack_share
-        local upper = remaining - since + call_ms / d.interval
-        local l = level(d)
-        if l < lower then
-          set_level(d, math.min(lower, d.burst))
-        elseif l > upper then
-          set_level(d, upper)
-        end
-      end
-    elseif remaining >= 0 and remaining < d.burst then
-      -- A bucket the headers do not describe exactly (e.g. requests paced per second
-      -- against a per-minute count): the count only ever lowers what we think is left.
-      d.tat = math.max(d.tat, now + d.tau - remaining * d.interval)
-    end
+    observe(d, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), call_ms, slack_share)
+  end
+  save()
+  return {1}
+
+elseif op == 'learn' then
+  local call_ms = tonumber(ARGV[rest + 1])
+  local slack_share = tonumber(ARGV[rest + 2])
+  for i = 1, n do
+    local a = rest + 2 + (i - 1) * 3
+    observe(dims[i], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), call_ms, slack_share)
   end
   save()
   return {1}

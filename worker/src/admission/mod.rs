@@ -640,6 +640,37 @@ impl Admission {
         }
     }
 
+    /// Takes what a streamed answer's headers say is left, as soon as they arrive (the
+    /// call then settles without them).
+    pub async fn learn(&self, r: &Reservation, remaining: &[Option<u64>], took: Duration) {
+        if !r.global || self.pool.is_none() || remaining.iter().all(Option::is_none) {
+            return;
+        }
+        let mut extra = vec![took.as_millis().to_string(), self.margin.to_string()];
+        for i in 0..r.scope.dims.len() {
+            let (gen, seq) = r.seq.get(i).copied().unwrap_or((-1, -1));
+            extra.push(
+                remaining
+                    .get(i)
+                    .copied()
+                    .flatten()
+                    .map_or("-1".to_owned(), |v| v.to_string()),
+            );
+            extra.push(gen.to_string());
+            extra.push(seq.to_string());
+        }
+        let call = Call {
+            op: "learn",
+            scope: &r.scope,
+            amounts: &r.amounts,
+            extra,
+            marker: None,
+        };
+        if let Err(e) = self.eval(call).await {
+            self.redis_failed(&e);
+        }
+    }
+
     /// Pauses every replica's use of `scope` for `d` and drains every dimension (a 429
     /// that does not say which limit it hit).
     pub async fn pause(&self, scope: &Arc<Scope>, d: Duration) {

@@ -7,7 +7,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::http::{Answer, HttpAccount, Opened, Streamed};
-use super::{CallError, Deltas, Provider, ProviderReply, Remaining};
+use super::{CallError, Deltas, Observer, Provider, ProviderReply, Remaining};
 use crate::settings::{ProviderKind, ProviderSettings};
 
 /// The API version llmq speaks.
@@ -104,7 +104,7 @@ impl Provider for Anthropic {
         &'a self,
         model: &'a str,
         request: &'a ChatRequest,
-        deltas: &'a Deltas<'a>,
+        observer: &'a Observer<'a>,
     ) -> BoxFuture<'a, Result<ProviderReply, CallError>> {
         Box::pin(async move {
             let a = &self.account;
@@ -124,7 +124,10 @@ impl Provider for Anthropic {
                 .await?;
             match opened {
                 Opened::Whole(answer) => whole(answer),
-                Opened::Stream(stream) => streamed(stream, model, deltas).await,
+                Opened::Stream(stream) => {
+                    (observer.head)(&super::Remaining::from_headers(&stream.headers));
+                    streamed(stream, model, observer.text).await
+                }
             }
         })
     }

@@ -126,21 +126,37 @@ pub trait Provider: Send + Sync {
     fn host(&self) -> &str;
     /// Endpoint path called, for evidence.
     fn endpoint(&self) -> &'static str;
-    /// Makes the call; when the answer is streamed, each piece of text is handed to
-    /// `deltas` as it arrives (their concatenation is the reply's content).
+    /// Makes the call; when the answer is streamed, `observer` hears its rate-limit
+    /// headers as soon as its head arrives and each piece of text as it arrives (their
+    /// concatenation is the reply's content).
     fn complete<'a>(
         &'a self,
         model: &'a str,
         request: &'a ChatRequest,
-        deltas: &'a Deltas<'a>,
+        observer: &'a Observer<'a>,
     ) -> BoxFuture<'a, Result<ProviderReply, CallError>>;
 }
 
 /// Receives the text of a streamed answer as it is generated.
 pub type Deltas<'a> = dyn Fn(&str) + Send + Sync + 'a;
 
-/// A [`Deltas`] that drops the text.
-pub fn ignore_deltas(_: &str) {}
+/// What a caller hears of a streamed call while it runs.
+pub struct Observer<'a> {
+    /// Each piece of text as it arrives.
+    pub text: &'a Deltas<'a>,
+    /// The answer's remaining-budget headers, when its head arrives (before the text).
+    pub head: &'a (dyn Fn(&Remaining) + Send + Sync + 'a),
+}
+
+fn ignore_text(_: &str) {}
+
+fn ignore_head(_: &Remaining) {}
+
+/// An [`Observer`] that hears nothing.
+pub const IGNORE: Observer<'static> = Observer {
+    text: &ignore_text,
+    head: &ignore_head,
+};
 
 /// Builds the adapter a provider's settings describe.
 pub fn build(name: &str, settings: &ProviderSettings) -> anyhow::Result<Arc<dyn Provider>> {

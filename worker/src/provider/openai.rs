@@ -8,7 +8,7 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::http::{Answer, HttpAccount, Opened, Streamed};
-use super::{CallError, Deltas, Provider, ProviderReply};
+use super::{CallError, Deltas, Observer, Provider, ProviderReply};
 use crate::settings::ProviderSettings;
 
 /// An OpenAI-compatible account.
@@ -71,7 +71,7 @@ impl Provider for OpenAi {
         &'a self,
         model: &'a str,
         request: &'a ChatRequest,
-        deltas: &'a Deltas<'a>,
+        observer: &'a Observer<'a>,
     ) -> BoxFuture<'a, Result<ProviderReply, CallError>> {
         Box::pin(async move {
             let mut body =
@@ -93,7 +93,10 @@ impl Provider for OpenAi {
                 .await?;
             match opened {
                 Opened::Whole(answer) => whole(answer),
-                Opened::Stream(stream) => streamed(stream, model, deltas).await,
+                Opened::Stream(stream) => {
+                    (observer.head)(&super::Remaining::from_headers(&stream.headers));
+                    streamed(stream, model, observer.text).await
+                }
             }
         })
     }
