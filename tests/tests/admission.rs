@@ -8,6 +8,7 @@ use llmq_mock_provider::{Limits as MockLimits, MockConfig};
 use llmq_producer_sdk::{ChatMessage, JobState, NewJob};
 use llmq_tests::{redis_url, spawn_app_with, AppOptions};
 use llmq_worker::admission::{Admission, Admit, Scope};
+use llmq_worker::provider::Remaining;
 use llmq_worker::settings::{LimitScope, ModelRateLimit, RateLimitSettings};
 use llmq_worker::Settings;
 use redis::AsyncCommands;
@@ -201,11 +202,6 @@ async fn an_unknown_budget_learns_the_accounts_count_from_headers_less_what_it_h
     // 600 RPM per second, 900k TPM over a minute; no state in Redis.
     let admission = Admission::new(&settings(limits(600, 900_000), false)).unwrap();
     let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
-    assert!(
-        !scope.dims[0].learn && scope.dims[1].learn,
-        "{:?}",
-        scope.dims
-    );
     // The first call starts from an empty bucket (nothing is known yet)...
     let (_, first) = go(admission.acquire(&scope, scope.demand(900, 100)).await);
     // ...and two more are admitted before its answer arrives.
@@ -213,23 +209,39 @@ async fn an_unknown_budget_learns_the_accounts_count_from_headers_less_what_it_h
     let (_, _third) = go(admission.acquire(&scope, scope.demand(4_000, 1_000)).await);
     let empty = level(&scope, "tokens", 900_000.0, 900_000.0).await;
     assert!(empty < 0.0, "started full: {empty}");
-    // The first call's answer: the idle account has 899,000 tokens left after it.
+    // The first call's answer: the idle account has 599 of 600 requests and 899,000 of
+    // 900,000 tokens left of the minute after it.
+    let headers = Remaining {
+        requests: Some(599),
+        tokens: Some(899_000),
+        limits: [Some(600), Some(900_000), None, None],
+        ..Default::default()
+    };
+    let seen = scope.seen(&headers);
+    // The request bucket holds a second's worth: 10, less the minute's shortfall of 1.
+    assert_eq!(seen, vec![Some(9), Some(899_000)]);
     admission
-        .settle(
-            &first,
-            &[1, 1_000],
-            &[Some(599), Some(899_000)],
-            Duration::from_millis(300),
-        )
+        .settle(&first, &[1, 1_000], &seen, Duration::from_millis(300))
         .await;
     // Learned: the account's count, less the 10,000 admitted after that call (the
-    // provider had not seen them), less nothing else; requests (paced per second, a
-    // window the headers do not describe) are left alone.
+    // provider had not seen them) and a quarter second's worth (15,000 a second) for
+    // calls admitted just before it that may have reached it later.
     let l = level(&scope, "tokens", 900_000.0, 900_000.0).await;
     assert!(
-        (880_000.0..=889_100.0).contains(&l),
+        (880_000.0..=885_300.0).contains(&l),
         "tokens level after learning: {l}"
     );
+    let r = level(&scope, "requests", 600.0, 10.0).await;
+    assert!(
+        (3.0..=5.0).contains(&r),
+        "requests level after learning: {r}"
+    );
+    // Without the limit header a per-second bucket learns nothing from a minute's count.
+    let bare = Remaining {
+        requests: Some(599),
+        ..Default::default()
+    };
+    assert_eq!(scope.seen(&bare), vec![None, None]);
     // A stale or smaller count never loosens; a lower one tightens.
     admission
         .settle(

@@ -662,8 +662,7 @@ impl Worker {
                     Ok(head) = &mut head_rx, if !learned => {
                         learned = true;
                         if let Some(r) = &reservation {
-                            let seen: Vec<Option<u64>> =
-                                r.scope.dims.iter().map(|d| head.for_dim(d.name())).collect();
+                            let seen = r.scope.seen(&head);
                             self.admission.learn(r, &seen, clock.elapsed()).await;
                         }
                     }
@@ -681,10 +680,7 @@ impl Worker {
                 Err(CallError::Http { remaining, .. }) => Some(&**remaining),
                 Err(_) => None,
             };
-            sc.dims
-                .iter()
-                .map(|d| r.and_then(|r| r.for_dim(d.name())))
-                .collect()
+            r.map_or_else(|| vec![None; sc.dims.len()], |r| sc.seen(r))
         });
         if let Some(r) = &reservation {
             let n = r.amounts.len();

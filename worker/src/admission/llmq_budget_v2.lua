@@ -20,17 +20,17 @@
 -- ARGV[1]   op: acquire | settle | learn | pause | check | peek | charge
 -- ARGV[2]   n, the number of dimensions; then 6 values per dimension:
 --             hash (index into KEYS), name, limit per minute, burst (units the bucket
---             holds), amount, learn (1: the provider's headers report this dimension's
---             level over the window this bucket models, so they may set it)
+--             holds), amount, learn (1: the provider's headers, taken to this bucket's
+--             units by the caller, may set it)
 -- then, per op:
 --   acquire: max_wait_ms        -> {0, wait_ms, pause_ms, gen_1, seq_1, ..., gen_n, seq_n}
 --                                   go (charged) at now+wait; seq = adm after the charge
 --                                  {1, dim_index, 0}      amount > burst: never fits
 --                                  {2, wait_ms, pause_ms} wait > max_wait: not charged
---   settle:  refund(0|1), call_ms (send to answer), slack_share, then per dimension:
+--   settle:  refund(0|1), call_ms (send to answer), slack_ms, then per dimension:
 --            actual, remaining (-1 unknown), gen, seq (-1 unknown)
 --                                -> {1} applied, {0} already settled (idempotent)
---   learn:   call_ms, slack_share, then per dimension: remaining, gen, seq
+--   learn:   call_ms, slack_ms, then per dimension: remaining, gen, seq
 --            (a streamed answer's headers, as soon as they arrive) -> {1}
 --   pause:   pause_ms, then per dimension: drain(0|1), remaining (-1 unknown)
 --                                -> {remaining pause ms}
@@ -99,19 +99,20 @@ end
 -- What a provider header says is left (`remaining`, -1 unknown) of a dimension, seen on
 -- the answer to a call admitted as number `seq` of generation `gen`, `call_ms` after it
 -- was sent.
-local function observe(d, remaining, gen, seq, call_ms, slack_share)
+local function observe(d, remaining, gen, seq, call_ms, slack_ms)
   if remaining < 0 then
     return
   end
   if d.learn and seq >= 0 then
     -- The provider counted `remaining` when it took this call. What we admitted after
-    -- this call it had not seen yet; what refilled since the call was sent is not
-    -- counted (conservative). Its count may loosen our bucket as well as tighten it.
+    -- this call it had not seen yet, nor calls admitted up to slack_ms before it that
+    -- reached it later; what refilled since the call was sent is not counted
+    -- (conservative). Its count may loosen our bucket as well as tighten it.
     local my_gen = tonumber(redis.call('HGET', d.key, 'gen:' .. d.name) or '-1')
     local adm = tonumber(redis.call('HGET', d.key, 'adm:' .. d.name) or '0')
     if my_gen == gen and adm >= seq then
       local since = adm - seq
-      local lower = remaining - since - d.burst * slack_share
+      local lower = remaining - since - slack_ms / d.interval
       local upper = remaining - since + call_ms / d.interval
       local l = level(d)
       if l < lower then
@@ -168,7 +169,7 @@ elseif op == 'settle' then
   end
   local refund = ARGV[rest + 1] == '1'
   local call_ms = tonumber(ARGV[rest + 2])
-  local slack_share = tonumber(ARGV[rest + 3])
+  local slack_ms = tonumber(ARGV[rest + 3])
   for i = 1, n do
     local d = dims[i]
     local a = rest + 3 + (i - 1) * 4
@@ -178,17 +179,17 @@ elseif op == 'settle' then
     elseif delta < 0 and refund then
       d.tat = math.max(d.tat + delta * d.interval, now)       -- give back, never past full
     end
-    observe(d, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), call_ms, slack_share)
+    observe(d, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), call_ms, slack_ms)
   end
   save()
   return {1}
 
 elseif op == 'learn' then
   local call_ms = tonumber(ARGV[rest + 1])
-  local slack_share = tonumber(ARGV[rest + 2])
+  local slack_ms = tonumber(ARGV[rest + 2])
   for i = 1, n do
     local a = rest + 2 + (i - 1) * 3
-    observe(dims[i], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), call_ms, slack_share)
+    observe(dims[i], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), call_ms, slack_ms)
   end
   save()
   return {1}

@@ -36,6 +36,10 @@ const BUDGET_SCRIPT: &str = include_str!("llmq_budget_v2.lua");
 /// The concurrency-lease script.
 const LEASES_SCRIPT: &str = include_str!("llmq_leases_v1.lua");
 
+/// Calls admitted up to this long before one may still reach the provider after it (so
+/// its header did not count them): a header's count is taken less this much of the rate.
+const UNSEEN_SLACK: Duration = Duration::from_millis(250);
+
 /// How long a lease on a concurrency slot lasts unless renewed; a running call renews
 /// it every third of this, so a replica that dies frees its slots within this.
 const LEASE: Duration = Duration::from_secs(30);
@@ -85,7 +89,9 @@ pub struct Dim {
     pub per_minute: f64,
     /// Units the bucket holds.
     pub burst: f64,
-    /// The bucket models the minute the provider's headers count, so they may set it.
+    /// Seconds' worth the bucket holds (60: the minute providers' headers count).
+    pub window_secs: f64,
+    /// The provider's headers may set this bucket (`admission.learn_from_headers`).
     pub learn: bool,
 }
 
@@ -133,6 +139,27 @@ impl Scope {
                 d.kind
                     .of(1, usage.prompt_tokens, usage.completion_tokens)
                     .min(d.burst.ceil().max(1.0) as u64)
+            })
+            .collect()
+    }
+
+    /// What the provider's headers say is left, per dimension, in the units of each
+    /// bucket. Providers count the minute; a bucket of a shorter window (requests paced
+    /// per second) holds at least its size less the minute's shortfall (both refill at
+    /// the same rate, and the shorter one is never further behind), which needs the
+    /// header's limit too; without it that bucket learns nothing.
+    pub fn seen(&self, r: &crate::provider::Remaining) -> Vec<Option<u64>> {
+        self.dims
+            .iter()
+            .map(|d| {
+                let left = r.for_dim(d.name())?;
+                if d.window_secs >= 60.0 {
+                    return Some(left);
+                }
+                let limit = r.limit_for_dim(d.name())?;
+                let size = limit as f64 * d.window_secs / 60.0;
+                let short = limit.saturating_sub(left) as f64;
+                Some((size - short).max(0.0).floor() as u64)
             })
             .collect()
     }
@@ -408,8 +435,8 @@ impl Admission {
                         hash: index,
                         per_minute,
                         burst: (per_minute * burst_secs / 60.0).max(1.0),
-                        // Providers report what is left of the minute.
-                        learn: self.learn && burst_secs >= 60.0,
+                        window_secs: burst_secs,
+                        learn: self.learn,
                     });
                 }
             }
@@ -613,7 +640,7 @@ impl Admission {
         let mut extra = vec![
             refund.to_owned(),
             took.as_millis().to_string(),
-            self.margin.to_string(),
+            UNSEEN_SLACK.as_millis().to_string(),
         ];
         for i in 0..r.scope.dims.len() {
             let (gen, seq) = r.seq.get(i).copied().unwrap_or((-1, -1));
@@ -646,7 +673,10 @@ impl Admission {
         if !r.global || self.pool.is_none() || remaining.iter().all(Option::is_none) {
             return;
         }
-        let mut extra = vec![took.as_millis().to_string(), self.margin.to_string()];
+        let mut extra = vec![
+            took.as_millis().to_string(),
+            UNSEEN_SLACK.as_millis().to_string(),
+        ];
         for i in 0..r.scope.dims.len() {
             let (gen, seq) = r.seq.get(i).copied().unwrap_or((-1, -1));
             extra.push(

@@ -48,24 +48,45 @@ pub struct Remaining {
     pub input_tokens: Option<u64>,
     /// Output tokens left (Anthropic).
     pub output_tokens: Option<u64>,
+    /// The limits those counts are out of (`x-ratelimit-limit-*`), in the same order.
+    pub limits: [Option<u64>; 4],
 }
 
 impl Remaining {
-    /// Reads OpenAI's `x-ratelimit-remaining-*` and Anthropic's
-    /// `anthropic-ratelimit-*-remaining` headers.
+    /// Reads OpenAI's `x-ratelimit-{remaining,limit}-*` and Anthropic's
+    /// `anthropic-ratelimit-*-{remaining,limit}` headers.
     pub fn from_headers(h: &HeaderMap) -> Self {
         let num = |name: &str| {
             h.get(name)
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
+        let pair = |openai: Option<&str>, anthropic: &str| {
+            openai.and_then(|o| num(o)).or_else(|| num(anthropic))
+        };
         Self {
-            requests: num("x-ratelimit-remaining-requests")
-                .or_else(|| num("anthropic-ratelimit-requests-remaining")),
-            tokens: num("x-ratelimit-remaining-tokens")
-                .or_else(|| num("anthropic-ratelimit-tokens-remaining")),
+            requests: pair(
+                Some("x-ratelimit-remaining-requests"),
+                "anthropic-ratelimit-requests-remaining",
+            ),
+            tokens: pair(
+                Some("x-ratelimit-remaining-tokens"),
+                "anthropic-ratelimit-tokens-remaining",
+            ),
             input_tokens: num("anthropic-ratelimit-input-tokens-remaining"),
             output_tokens: num("anthropic-ratelimit-output-tokens-remaining"),
+            limits: [
+                pair(
+                    Some("x-ratelimit-limit-requests"),
+                    "anthropic-ratelimit-requests-limit",
+                ),
+                pair(
+                    Some("x-ratelimit-limit-tokens"),
+                    "anthropic-ratelimit-tokens-limit",
+                ),
+                num("anthropic-ratelimit-input-tokens-limit"),
+                num("anthropic-ratelimit-output-tokens-limit"),
+            ],
         }
     }
 
@@ -78,6 +99,18 @@ impl Remaining {
             "output_tokens" => self.output_tokens,
             _ => None,
         }
+    }
+
+    /// The limit the count of an admission dimension is out of.
+    pub fn limit_for_dim(&self, dim: &str) -> Option<u64> {
+        let i = match dim {
+            "requests" => 0,
+            "tokens" => 1,
+            "input_tokens" => 2,
+            "output_tokens" => 3,
+            _ => return None,
+        };
+        self.limits[i]
     }
 }
 
