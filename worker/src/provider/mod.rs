@@ -61,27 +61,25 @@ impl Remaining {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| v.trim().parse::<u64>().ok())
         };
-        let pair = |openai: Option<&str>, anthropic: &str| {
-            openai.and_then(|o| num(o)).or_else(|| num(anthropic))
-        };
+        let pair = |openai: &str, anthropic: &str| num(openai).or_else(|| num(anthropic));
         Self {
             requests: pair(
-                Some("x-ratelimit-remaining-requests"),
+                "x-ratelimit-remaining-requests",
                 "anthropic-ratelimit-requests-remaining",
             ),
             tokens: pair(
-                Some("x-ratelimit-remaining-tokens"),
+                "x-ratelimit-remaining-tokens",
                 "anthropic-ratelimit-tokens-remaining",
             ),
             input_tokens: num("anthropic-ratelimit-input-tokens-remaining"),
             output_tokens: num("anthropic-ratelimit-output-tokens-remaining"),
             limits: [
                 pair(
-                    Some("x-ratelimit-limit-requests"),
+                    "x-ratelimit-limit-requests",
                     "anthropic-ratelimit-requests-limit",
                 ),
                 pair(
-                    Some("x-ratelimit-limit-tokens"),
+                    "x-ratelimit-limit-tokens",
                     "anthropic-ratelimit-tokens-limit",
                 ),
                 num("anthropic-ratelimit-input-tokens-limit"),
