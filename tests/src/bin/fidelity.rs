@@ -574,7 +574,7 @@ impl Batch<'_> {
             "LLMQ_WORKER__METRICS_BIND",
             format!("127.0.0.1:{metrics_port}"),
         );
-        set("RUST_LOG", "error".to_owned());
+        set("RUST_LOG", "warn,lapin=error".to_owned());
         env
     }
 
@@ -840,10 +840,11 @@ impl Batch<'_> {
             ideal_from,
         };
         eprintln!(
-            "{tag} done: {terminal}/{n} terminal, {} not succeeded, {} admitted, {} 429s, {} s first to last admission",
+            "{tag} done: {terminal}/{n} terminal, {} not succeeded, {} admitted, {} 429s (by limit since the mock started: {:?}), {} s first to last admission",
             outcome.not_ok,
             outcome.admitted,
             outcome.rate_limited,
+            stats.rate_limited_by_dim,
             outcome
                 .actual_secs()
                 .map_or_else(|| "n/a".to_owned(), |s| format!("{s:.1}"))

@@ -16,6 +16,7 @@
 --             tat:<dim>    theoretical arrival time of the dimension, ms (float)
 --             adm:<dim>    units ever admitted (to tell what a provider header has not seen)
 --             gen:<dim>    when adm:<dim> began counting (a restarted Redis starts anew)
+--             big:<dim>    the largest amount admitted (while the state lives)
 --             pause_until  fleet pause after a provider 429, ms
 -- ARGV[1]   op: acquire | settle | learn | pause | check | peek | charge
 -- ARGV[2]   n, the number of dimensions; then 6 values per dimension:
@@ -23,14 +24,16 @@
 --             holds), amount, learn (1: the provider's headers, taken to this bucket's
 --             units by the caller, may set it)
 -- then, per op:
---   acquire: max_wait_ms        -> {0, wait_ms, pause_ms, gen_1, seq_1, ..., gen_n, seq_n}
---                                   go (charged) at now+wait; seq = adm after the charge
+--   acquire: max_wait_ms, slack_ms
+--                                -> {0, wait_ms, pause_ms, gen_1, seq_1, paced_1, ...}
+--                                   go (charged) at now+wait; seq = adm after the charge;
+--                                   paced = this dimension alone held it >= slack_ms
 --                                  {1, dim_index, 0}      amount > burst: never fits
 --                                  {2, wait_ms, pause_ms} wait > max_wait: not charged
 --   settle:  refund(0|1), call_ms (send to answer), slack_ms, then per dimension:
---            actual, remaining (-1 unknown), gen, seq (-1 unknown)
+--            actual, remaining (-1 unknown), gen, seq (-1 unknown), paced (0|1)
 --                                -> {1} applied, {0} already settled (idempotent)
---   learn:   call_ms, slack_ms, then per dimension: remaining, gen, seq
+--   learn:   call_ms, slack_ms, then per dimension: remaining, gen, seq, paced
 --            (a streamed answer's headers, as soon as they arrive) -> {1}
 --   pause:   pause_ms, then per dimension: drain(0|1), remaining (-1 unknown)
 --                                -> {remaining pause ms}
@@ -99,7 +102,7 @@ end
 -- What a provider header says is left (`remaining`, -1 unknown) of a dimension, seen on
 -- the answer to a call admitted as number `seq` of generation `gen`, `call_ms` after it
 -- was sent.
-local function observe(d, remaining, gen, seq, call_ms, slack_ms)
+local function observe(d, remaining, gen, seq, call_ms, slack_ms, loosen)
   if remaining < 0 then
     return
   end
@@ -107,15 +110,20 @@ local function observe(d, remaining, gen, seq, call_ms, slack_ms)
     -- The provider counted `remaining` when it took this call. What we admitted after
     -- this call it had not seen yet, nor calls admitted up to slack_ms before it that
     -- reached it later; what refilled since the call was sent is not counted
-    -- (conservative). Its count may loosen our bucket as well as tighten it.
+    -- (conservative). Its count may tighten our bucket, and loosen it when the call was
+    -- paced on this dimension: calls admitted in one burst leave in any order, so the
+    -- answer to one of them may not count the others admitted just before it.
     local my_gen = tonumber(redis.call('HGET', d.key, 'gen:' .. d.name) or '-1')
     local adm = tonumber(redis.call('HGET', d.key, 'adm:' .. d.name) or '0')
     if my_gen == gen and adm >= seq then
       local since = adm - seq
-      local lower = remaining - since - slack_ms / d.interval
+      -- One call admitted just before this one may have reached the provider after it:
+      -- allow for the largest call admitted lately, beyond slack_ms of the rate.
+      local big = tonumber(redis.call('HGET', d.key, 'big:' .. d.name) or '0')
+      local lower = remaining - since - slack_ms / d.interval - big
       local upper = remaining - since + call_ms / d.interval
       local l = level(d)
-      if l < lower then
+      if loosen and l < lower then
         set_level(d, math.min(lower, d.burst))
       elseif l > upper then
         set_level(d, upper)
@@ -130,6 +138,7 @@ end
 
 if op == 'acquire' then
   local max_wait = tonumber(ARGV[rest + 1])
+  local slack_ms = tonumber(ARGV[rest + 2])
   local start = math.max(now, pause_until)
   for i = 1, n do
     local d = dims[i]
@@ -150,6 +159,10 @@ if op == 'acquire' then
   local reply = {0, math.ceil(wait), pause_left()}
   for i = 1, n do
     local d = dims[i]
+    -- Paced on this dimension: it alone would have kept the call waiting at least
+    -- slack_ms, so calls admitted before it were spread out ahead of it.
+    local own_wait = math.max(d.tat, now) + d.amount * d.interval - d.tau - now
+    local paced = own_wait >= slack_ms and 1 or 0
     d.tat = math.max(d.tat, start) + d.amount * d.interval
     local gen = redis.call('HGET', d.key, 'gen:' .. d.name)
     if not gen then
@@ -157,8 +170,13 @@ if op == 'acquire' then
       redis.call('HSET', d.key, 'gen:' .. d.name, gen)
     end
     local adm = redis.call('HINCRBY', d.key, 'adm:' .. d.name, d.amount)
+    local big = tonumber(redis.call('HGET', d.key, 'big:' .. d.name) or '0')
+    if d.amount > big then
+      redis.call('HSET', d.key, 'big:' .. d.name, d.amount)
+    end
     reply[#reply + 1] = tonumber(gen)
     reply[#reply + 1] = adm
+    reply[#reply + 1] = paced
   end
   save()
   return reply
@@ -172,14 +190,14 @@ elseif op == 'settle' then
   local slack_ms = tonumber(ARGV[rest + 3])
   for i = 1, n do
     local d = dims[i]
-    local a = rest + 3 + (i - 1) * 4
+    local a = rest + 3 + (i - 1) * 5
     local delta = tonumber(ARGV[a + 1]) - d.amount
     if delta > 0 then
       d.tat = math.max(d.tat, now) + delta * d.interval      -- charge the excess
     elseif delta < 0 and refund then
       d.tat = math.max(d.tat + delta * d.interval, now)       -- give back, never past full
     end
-    observe(d, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), call_ms, slack_ms)
+    observe(d, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), call_ms, slack_ms, ARGV[a + 5] == '1')
   end
   save()
   return {1}
@@ -188,8 +206,8 @@ elseif op == 'learn' then
   local call_ms = tonumber(ARGV[rest + 1])
   local slack_ms = tonumber(ARGV[rest + 2])
   for i = 1, n do
-    local a = rest + 2 + (i - 1) * 3
-    observe(dims[i], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), call_ms, slack_ms)
+    local a = rest + 2 + (i - 1) * 4
+    observe(dims[i], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), call_ms, slack_ms, ARGV[a + 4] == '1')
   end
   save()
   return {1}

@@ -40,6 +40,10 @@ const LEASES_SCRIPT: &str = include_str!("llmq_leases_v1.lua");
 /// its header did not count them): a header's count is taken less this much of the rate.
 const UNSEEN_SLACK: Duration = Duration::from_millis(250);
 
+/// How late after its slot a call may leave (the claim's write, a busy replica); see
+/// `llmq_budget_send_lateness_seconds`.
+const SEND_JITTER: Duration = Duration::from_millis(100);
+
 /// How long a lease on a concurrency slot lasts unless renewed; a running call renews
 /// it every third of this, so a replica that dies frees its slots within this.
 const LEASE: Duration = Duration::from_secs(30);
@@ -143,23 +147,17 @@ impl Scope {
             .collect()
     }
 
-    /// What the provider's headers say is left, per dimension, in the units of each
-    /// bucket. Providers count the minute; a bucket of a shorter window (requests paced
-    /// per second) holds at least its size less the minute's shortfall (both refill at
-    /// the same rate, and the shorter one is never further behind), which needs the
-    /// header's limit too; without it that bucket learns nothing.
+    /// What the provider's headers say is left, per dimension. Providers count the
+    /// minute, so only a bucket that holds a minute's worth takes their count; a bucket
+    /// of a shorter window (requests paced per second) cannot tell from it how much of
+    /// its second is left, and takes nothing (it starts empty and costs at most its
+    /// window when its state is unknown).
     pub fn seen(&self, r: &crate::provider::Remaining) -> Vec<Option<u64>> {
         self.dims
             .iter()
             .map(|d| {
                 let left = r.for_dim(d.name())?;
-                if d.window_secs >= 60.0 {
-                    return Some(left);
-                }
-                let limit = r.limit_for_dim(d.name())?;
-                let size = limit as f64 * d.window_secs / 60.0;
-                let short = limit.saturating_sub(left) as f64;
-                Some((size - short).max(0.0).floor() as u64)
+                (d.window_secs >= 60.0).then_some(left)
             })
             .collect()
     }
@@ -229,11 +227,46 @@ pub struct Reservation {
     pub amounts: Vec<u64>,
     /// Charged in Redis (false: the local limiter, nothing to settle).
     pub global: bool,
-    /// Per dimension, (generation, units admitted up to and including this call): what
-    /// a provider header seen for this call cannot have counted yet.
-    pub seq: Vec<(i64, i64)>,
+    /// Per dimension, what a provider header seen for this call cannot have counted.
+    pub seq: Vec<Admitted>,
     /// Settled at most once: the settle marker's name.
     pub id: uuid::Uuid,
+}
+
+impl Reservation {
+    /// The script's arguments for what a header says of dimension `i`: remaining (-1
+    /// unknown), gen, seq and paced.
+    fn seen_args(&self, i: usize, remaining: &[Option<u64>]) -> [String; 4] {
+        let a = self.seq.get(i).copied().unwrap_or(Admitted {
+            gen: -1,
+            seq: -1,
+            paced: false,
+        });
+        [
+            remaining
+                .get(i)
+                .copied()
+                .flatten()
+                .map_or("-1".to_owned(), |v| v.to_string()),
+            a.gen.to_string(),
+            a.seq.to_string(),
+            u8::from(a.paced).to_string(),
+        ]
+    }
+}
+
+/// Where a reservation stands in one dimension's count of admissions.
+#[derive(Debug, Clone, Copy)]
+pub struct Admitted {
+    /// When the count began (a restarted Redis begins anew).
+    pub gen: i64,
+    /// Units admitted up to and including this call.
+    pub seq: i64,
+    /// This dimension alone held the call at least [`UNSEEN_SLACK`]: calls admitted
+    /// before it were paced out ahead of it (not admitted in the same burst), so the
+    /// provider's answer to it counts all of them but the slack's worth. Only such an
+    /// answer loosens the dimension.
+    pub paced: bool,
 }
 
 /// A slot under a scope's concurrency caps, held for one call.
@@ -295,6 +328,7 @@ pub struct Admission {
     local: Mutex<HashMap<String, Arc<local::LocalScope>>>,
     replicas: Mutex<Replicas>,
     owed: Mutex<HashMap<String, Owed>>,
+    promised: Mutex<HashMap<String, Instant>>,
     redis_down: AtomicBool,
     instance: String,
 }
@@ -367,6 +401,7 @@ impl Admission {
                 lower_since: None,
             }),
             owed: Mutex::new(HashMap::new()),
+            promised: Mutex::new(HashMap::new()),
             redis_down: AtomicBool::new(false),
             instance: uuid::Uuid::now_v7().to_string(),
         })
@@ -434,7 +469,19 @@ impl Admission {
                         kind,
                         hash: index,
                         per_minute,
-                        burst: (per_minute * burst_secs / 60.0).max(1.0),
+                        // Calls leave up to SEND_JITTER after their slot, so a burst
+                        // and the calls paced after it can reach the provider that
+                        // much closer together: a bucket of a short window keeps that
+                        // much in hand (a minute's bucket keeps its full size, the
+                        // largest call the provider takes).
+                        burst: (per_minute
+                            * if burst_secs < 60.0 {
+                                (burst_secs - SEND_JITTER.as_secs_f64()).max(0.0)
+                            } else {
+                                burst_secs
+                            }
+                            / 60.0)
+                            .max(1.0),
                         window_secs: burst_secs,
                         learn: self.learn,
                     });
@@ -480,7 +527,10 @@ impl Admission {
                     op: "acquire",
                     scope,
                     amounts: &amounts,
-                    extra: vec![max_wait.as_millis().to_string()],
+                    extra: vec![
+                        max_wait.as_millis().to_string(),
+                        UNSEEN_SLACK.as_millis().to_string(),
+                    ],
                     marker: None,
                 };
                 match self.eval(call).await {
@@ -492,7 +542,20 @@ impl Admission {
                 }
             }
             let local = self.local_scope(scope);
-            match local.acquire(&amounts).await {
+            let waited = if self.pool.is_some() {
+                // Ask Redis again every second: a job must not keep admitting on the
+                // local share once the shared budget is back.
+                tokio::select! {
+                    r = local.acquire(&amounts) => Some(r),
+                    () = tokio::time::sleep(Duration::from_secs(1)) => None,
+                }
+            } else {
+                Some(local.acquire(&amounts).await)
+            };
+            let Some(waited) = waited else {
+                continue;
+            };
+            match waited {
                 Ok(()) => {
                     if self.pool.is_some() {
                         self.owe(scope, &amounts);
@@ -529,11 +592,16 @@ impl Admission {
         let wait = Duration::from_millis(r.get(1).copied().unwrap_or(0).max(0).unsigned_abs());
         match r.first().copied().unwrap_or(-1) {
             0 => {
+                self.promise(scope, wait);
                 let seq = r
                     .get(3..)
                     .unwrap_or_default()
-                    .chunks_exact(2)
-                    .map(|c| (c[0], c[1]))
+                    .chunks_exact(3)
+                    .map(|c| Admitted {
+                        gen: c[0],
+                        seq: c[1],
+                        paced: c[2] == 1,
+                    })
                     .collect();
                 Admit::Go {
                     wait,
@@ -643,17 +711,8 @@ impl Admission {
             UNSEEN_SLACK.as_millis().to_string(),
         ];
         for i in 0..r.scope.dims.len() {
-            let (gen, seq) = r.seq.get(i).copied().unwrap_or((-1, -1));
             extra.push(actual.get(i).copied().unwrap_or(0).to_string());
-            extra.push(
-                remaining
-                    .get(i)
-                    .copied()
-                    .flatten()
-                    .map_or("-1".to_owned(), |v| v.to_string()),
-            );
-            extra.push(gen.to_string());
-            extra.push(seq.to_string());
+            extra.extend(r.seen_args(i, remaining));
         }
         let call = Call {
             op: "settle",
@@ -678,16 +737,7 @@ impl Admission {
             UNSEEN_SLACK.as_millis().to_string(),
         ];
         for i in 0..r.scope.dims.len() {
-            let (gen, seq) = r.seq.get(i).copied().unwrap_or((-1, -1));
-            extra.push(
-                remaining
-                    .get(i)
-                    .copied()
-                    .flatten()
-                    .map_or("-1".to_owned(), |v| v.to_string()),
-            );
-            extra.push(gen.to_string());
-            extra.push(seq.to_string());
+            extra.extend(r.seen_args(i, remaining));
         }
         let call = Call {
             op: "learn",
@@ -891,8 +941,22 @@ impl Admission {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
         };
-        map.entry(scope.hashes.join("|"))
-            .or_insert_with(|| Arc::new(local::LocalScope::new(scope, share)))
+        let name = scope.hashes.join("|");
+        map.entry(name.clone())
+            .or_insert_with(|| {
+                let local = local::LocalScope::new(scope, share);
+                // Slots the shared budget already promised this replica are still sent:
+                // the local share starts after the last of them, not on top of them.
+                let promised = self
+                    .promised
+                    .lock()
+                    .ok()
+                    .and_then(|p| p.get(&name).copied());
+                if let Some(until) = promised {
+                    local.pause(until.saturating_duration_since(Instant::now()));
+                }
+                Arc::new(local)
+            })
             .clone()
     }
 
@@ -904,6 +968,17 @@ impl Admission {
                 .or_insert_with(|| (scope.clone(), vec![0; amounts.len()]));
             for (sum, a) in entry.1.iter_mut().zip(amounts) {
                 *sum = sum.saturating_add(*a);
+            }
+        }
+    }
+
+    /// Notes the latest slot the shared budget promised this replica on `scope`.
+    fn promise(&self, scope: &Scope, wait: Duration) {
+        let until = Instant::now() + wait;
+        if let Ok(mut p) = self.promised.lock() {
+            let e = p.entry(scope.hashes.join("|")).or_insert(until);
+            if *e < until {
+                *e = until;
             }
         }
     }
