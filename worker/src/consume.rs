@@ -229,6 +229,10 @@ impl RouteCursor {
 /// How many times a job was sent back to the queue because its budget slot was too far.
 const DEFERRALS_HEADER: &str = "x-llmq-deferrals";
 
+/// The furthest slot a job that was sent back for budget accepts: its wait doubles each
+/// time up to this, well inside RabbitMQ's default 30-minute consumer timeout.
+const MAX_GROWN_WAIT: Duration = Duration::from_secs(15 * 60);
+
 /// A small count carried in a message header (0 when absent or not a count).
 fn header_u32(delivery: &Delivery, name: &str) -> u32 {
     match delivery
@@ -467,8 +471,13 @@ impl Worker {
             let amounts = scope.demand(prompt, u64::from(env.request.max_tokens.unwrap_or(0)));
             // A job sent back for budget before accepts a further slot each time, so a
             // large job is never deferred forever behind a stream of small ones.
+            // Held below RabbitMQ's consumer timeout (30 min by default), which would
+            // take the delivery back from under a waiting job.
             let deferrals = header_u32(&delivery, DEFERRALS_HEADER).min(8);
-            let max_wait = self.admission.max_wait().saturating_mul(1 << deferrals);
+            let base = self.admission.max_wait().max(Duration::from_secs(1));
+            let max_wait = base
+                .saturating_mul(1 << deferrals)
+                .min(MAX_GROWN_WAIT.max(base));
             loop {
                 match self
                     .admission
@@ -585,27 +594,11 @@ impl Worker {
             return Processed::Expired;
         }
 
-        let redelivered = delivery.redelivered;
-        let claiming = Instant::now();
-        let Some(claimed) = self
-            .durably("claim job", || store::claim(&self.pool, id, redelivered))
-            .await
-        else {
-            if let Some(r) = &reservation {
-                self.admission.give_back(r).await;
-            }
-            return Processed::HandedBack;
-        };
-        self.claim_lead.observe(claiming.elapsed());
-        let Some(attempt) = claimed else {
-            if let Some(r) = &reservation {
-                self.admission.give_back(r).await;
-            }
-            info!("another delivery owns this job, or it just finished; acking this copy");
-            ack(&delivery).await;
-            return Processed::Duplicate;
-        };
-        // A cap on calls in flight (when the limits have one): wait for a slot under it.
+        // A cap on calls in flight (when the limits have one): wait for a slot under it
+        // before the claim, so a job that waits here spends no attempt. A call that
+        // waited leaves out of its admission order, so its answer's headers are not
+        // taken as the provider's count.
+        let leasing = Instant::now();
         let lease = match &scope {
             Some(sc) => tokio::select! {
                 l = self.admission.lease(sc) => l,
@@ -617,6 +610,30 @@ impl Worker {
                 }
             },
             None => admission::Lease::None,
+        };
+        let in_order = leasing.elapsed() < Duration::from_millis(100);
+
+        let redelivered = delivery.redelivered;
+        let claiming = Instant::now();
+        let Some(claimed) = self
+            .durably("claim job", || store::claim(&self.pool, id, redelivered))
+            .await
+        else {
+            if let Some(r) = &reservation {
+                self.admission.give_back(r).await;
+            }
+            self.admission.release(lease).await;
+            return Processed::HandedBack;
+        };
+        self.claim_lead.observe(claiming.elapsed());
+        let Some(attempt) = claimed else {
+            if let Some(r) = &reservation {
+                self.admission.give_back(r).await;
+            }
+            self.admission.release(lease).await;
+            info!("another delivery owns this job, or it just finished; acking this copy");
+            ack(&delivery).await;
+            return Processed::Duplicate;
         };
         if reservation.is_some() {
             tokio::time::sleep_until(slot).await;
@@ -659,7 +676,7 @@ impl Worker {
             loop {
                 tokio::select! {
                     out = &mut call => break out,
-                    Ok(head) = &mut head_rx, if !learned => {
+                    Ok(head) = &mut head_rx, if !learned && in_order => {
                         learned = true;
                         if let Some(r) = &reservation {
                             let seen = r.scope.seen(&head);
@@ -685,7 +702,7 @@ impl Worker {
         if let Some(r) = &reservation {
             let n = r.amounts.len();
             let (actual, seen): (Vec<u64>, &[Option<u64>]) = match &result {
-                Ok(reply) if learned => (r.scope.actual(&reply.usage), &[]),
+                Ok(reply) if learned || !in_order => (r.scope.actual(&reply.usage), &[]),
                 Ok(reply) => (r.scope.actual(&reply.usage), &remaining),
                 // Never reached the provider, or refused by its limiter: give it back.
                 Err(CallError::Connect(_)) | Err(CallError::Http { status: 429, .. }) => {

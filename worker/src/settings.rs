@@ -489,9 +489,23 @@ impl Settings {
                             "is 0: leave it out for no limit",
                         ));
                     }
+                    if v.is_some_and(|v| v > 1_000_000_000_000) {
+                        return Err(invalid(
+                            &format!("{field}.{dim}"),
+                            "is over 10^12: leave it out for no limit",
+                        ));
+                    }
                 }
-                if l.request_burst_secs <= 0.0 || l.token_burst_secs <= 0.0 {
-                    return Err(invalid(&field, "burst seconds must be > 0"));
+                for (what, secs) in [
+                    ("request_burst_secs", l.request_burst_secs),
+                    ("token_burst_secs", l.token_burst_secs),
+                ] {
+                    if !(secs.is_finite() && secs > 0.0 && secs <= 3600.0) {
+                        return Err(invalid(
+                            &format!("{field}.{what}"),
+                            "must be more than 0 and at most 3600 seconds",
+                        ));
+                    }
                 }
             }
             if let Some(m) = p
@@ -542,5 +556,49 @@ mod tests {
             msg.contains("worker.concurrency") && msg.contains("LLMQ_WORKER__CONCURRENCY"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn limits_that_cannot_work_are_refused_with_their_name() {
+        let base: Settings = config::Config::builder()
+            .add_source(config::File::from_str(DEFAULTS, config::FileFormat::Toml))
+            .build()
+            .unwrap()
+            .try_deserialize()
+            .unwrap();
+        let with = |f: &dyn Fn(&mut RateLimitSettings)| {
+            let mut s = base.clone();
+            let mut l = RateLimitSettings {
+                rpm: Some(600),
+                ..Default::default()
+            };
+            f(&mut l);
+            s.providers.get_mut("openai").unwrap().rate_limit = Some(l);
+            s.validate().err().map(|e| e.to_string())
+        };
+        assert_eq!(with(&|_| {}), None);
+        for (bad, field) in [
+            (
+                &(|l: &mut RateLimitSettings| l.token_burst_secs = f64::INFINITY)
+                    as &dyn Fn(&mut RateLimitSettings),
+                "token_burst_secs",
+            ),
+            (&|l| l.request_burst_secs = f64::NAN, "request_burst_secs"),
+            (&|l| l.tpm = Some(u64::MAX), "tpm"),
+            (&|l| l.max_concurrent = Some(0), "max_concurrent"),
+        ] {
+            let msg = with(bad).expect("refused");
+            assert!(msg.contains(field), "{msg}");
+        }
+        let mut s = base.clone();
+        s.providers.get_mut("openai").unwrap().model_limits = vec![ModelRateLimit {
+            model: "gpt-4o".into(),
+            limits: RateLimitSettings {
+                scope: LimitScope::Key,
+                ..Default::default()
+            },
+        }];
+        let msg = s.validate().unwrap_err().to_string();
+        assert!(msg.contains("model_limits[gpt-4o].scope"), "{msg}");
     }
 }

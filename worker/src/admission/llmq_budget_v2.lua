@@ -248,10 +248,11 @@ elseif op == 'peek' then
   return {math.ceil(start - now)}
 
 elseif op == 'charge' then
-  -- What replicas admitted on their local share while Redis was unreachable is spent.
+  -- What replicas admitted on their local share while Redis was unreachable is spent;
+  -- at most a bucketful (what was spent longer ago has been refilled since).
   for i = 1, n do
     local d = dims[i]
-    d.tat = math.max(d.tat, now) + d.amount * d.interval
+    d.tat = math.max(d.tat, now) + math.min(d.amount, d.burst) * d.interval
   end
   save()
   return {1}

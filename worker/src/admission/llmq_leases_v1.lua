@@ -7,7 +7,7 @@
 -- score = when the lease lapses (Redis time, ms). A replica that dies without giving its
 -- leases back loses them when they lapse; a live call renews its lease while it runs.
 --
--- KEYS[1..]  the lease sets, e.g. "{llmq:rl:openai}:key:leases" (one hash tag)
+-- KEYS[1..]  the lease sets, e.g. "{llmq:rl:openai}:leases:key" (one hash tag)
 -- ARGV[1]    op: take | renew | give
 -- ARGV[2]    member
 -- ARGV[3]    lease_ms (take, renew)
@@ -42,7 +42,8 @@ if op == 'take' then
 elseif op == 'renew' then
   local lease_ms = tonumber(ARGV[3])
   for k = 1, #KEYS do
-    redis.call('ZADD', KEYS[k], 'XX', now + lease_ms, member)
+    -- Added again if missing: a Redis that restarted meanwhile counts the call again.
+    redis.call('ZADD', KEYS[k], now + lease_ms, member)
     redis.call('PEXPIRE', KEYS[k], lease_ms * 2)
   end
   return {1}

@@ -14,6 +14,7 @@ use super::Scope;
 pub struct LocalScope {
     limiters: Vec<(DefaultDirectRateLimiter, u32)>,
     pause_until: Mutex<Option<Instant>>,
+    start_after: Mutex<Option<Instant>>,
 }
 
 impl LocalScope {
@@ -39,6 +40,7 @@ impl LocalScope {
         Self {
             limiters,
             pause_until: Mutex::new(None),
+            start_after: Mutex::new(None),
         }
     }
 
@@ -51,7 +53,8 @@ impl LocalScope {
             }
         }
         let until = self.pause_until.lock().ok().and_then(|p| *p);
-        if let Some(until) = until {
+        let after = self.start_after.lock().ok().and_then(|p| *p);
+        if let Some(until) = until.max(after) {
             tokio::time::sleep_until(until.into()).await;
         }
         for ((limiter, _), amount) in self.limiters.iter().zip(amounts) {
@@ -72,6 +75,14 @@ impl LocalScope {
             if p.is_none_or(|old| old < until) {
                 *p = Some(until);
             }
+        }
+    }
+
+    /// Admits nothing before `d` from now (slots the shared budget already promised
+    /// are sent first); unlike a pause, slots already held are not void.
+    pub fn start_after(&self, d: Duration) {
+        if let Ok(mut p) = self.start_after.lock() {
+            *p = Some(Instant::now() + d);
         }
     }
 

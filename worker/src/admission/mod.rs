@@ -162,6 +162,14 @@ impl Scope {
             .collect()
     }
 
+    /// The lease set of budget `i`: beside the budget hashes, never one of them (a
+    /// model's name cannot turn a budget hash into a lease set).
+    fn lease_key(&self, i: usize) -> String {
+        let budget = self.hashes.get(i).map_or("", String::as_str);
+        let suffix = budget.strip_prefix(self.key.as_str()).unwrap_or(budget);
+        format!("{}:leases{suffix}", self.key)
+    }
+
     /// The Redis hash holding the first dimension called `name`.
     pub fn hash_of(&self, name: &str) -> Option<&str> {
         let d = self.dims.iter().find(|d| d.name() == name)?;
@@ -921,7 +929,7 @@ impl Admission {
             .map_err(|_| RedisError::Timeout)??;
         let mut inv = self.leases.prepare_invoke();
         for (i, _) in &scope.concurrency {
-            inv.key(format!("{}:leases", scope.hashes[*i]));
+            inv.key(scope.lease_key(*i));
         }
         for a in args {
             inv.arg(a);
@@ -953,7 +961,8 @@ impl Admission {
                     .ok()
                     .and_then(|p| p.get(&name).copied());
                 if let Some(until) = promised {
-                    local.pause(until.saturating_duration_since(Instant::now()));
+                    let left = until.saturating_duration_since(Instant::now());
+                    local.start_after(left.min(self.max_wait));
                 }
                 Arc::new(local)
             })
@@ -976,6 +985,10 @@ impl Admission {
     fn promise(&self, scope: &Scope, wait: Duration) {
         let until = Instant::now() + wait;
         if let Ok(mut p) = self.promised.lock() {
+            if p.len() >= 1_000 {
+                let now = Instant::now();
+                p.retain(|_, u| *u > now);
+            }
             let e = p.entry(scope.hashes.join("|")).or_insert(until);
             if *e < until {
                 *e = until;
@@ -996,6 +1009,9 @@ impl Admission {
         if let Ok(mut l) = self.local.lock() {
             l.clear();
         }
+        if let Ok(mut p) = self.promised.lock() {
+            p.clear();
+        }
         let owed: Vec<Owed> = match self.owed.lock() {
             Ok(mut o) => o.drain().map(|(_, v)| v).collect(),
             Err(_) => Vec::new(),
@@ -1011,6 +1027,9 @@ impl Admission {
             };
             if self.eval(call).await.is_ok() {
                 charged += 1;
+            } else {
+                // Still owed: charged on the next return.
+                self.owe(&scope, &spent);
             }
         }
         info!(
@@ -1131,5 +1150,54 @@ impl Admission {
                 l.clear();
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_models_name_never_makes_a_budget_hash_a_lease_set() {
+        let mut s = Settings::defaults().unwrap();
+        s.providers.get_mut("openai").unwrap().rate_limit = Some(RateLimitSettings {
+            rpm: Some(600),
+            max_concurrent: Some(2),
+            ..Default::default()
+        });
+        let a = Admission::new(&s).unwrap();
+        let plain = a.scope("openai", "gpt-4o").unwrap();
+        let sly = a.scope("openai", "gpt-4o:leases").unwrap();
+        let lease = plain.lease_key(0);
+        assert!(!sly.hashes.contains(&lease), "{lease} is {:?}", sly.hashes);
+        assert!(
+            lease.starts_with(&plain.key),
+            "{lease}: not in the scope's slot"
+        );
+        assert_ne!(lease, sly.lease_key(0));
+    }
+
+    #[test]
+    fn a_429_about_concurrency_drains_no_bucket() {
+        let mut s = Settings::defaults().unwrap();
+        s.providers.get_mut("openai").unwrap().rate_limit = Some(RateLimitSettings {
+            rpm: Some(600),
+            tpm: Some(90_000),
+            ..Default::default()
+        });
+        let a = Admission::new(&s).unwrap();
+        let sc = a.scope("openai", "m").unwrap();
+        assert_eq!(
+            sc.exceeded(Some("requests"), "Too many concurrent requests for m", &[]),
+            vec![false, false]
+        );
+        assert_eq!(
+            sc.exceeded(
+                Some("tokens"),
+                "Rate limit reached for m on tokens per min (TPM)",
+                &[]
+            ),
+            vec![false, true]
+        );
     }
 }
