@@ -270,7 +270,7 @@ pub struct Admitted {
     pub gen: i64,
     /// Units admitted up to and including this call.
     pub seq: i64,
-    /// This dimension alone held the call at least [`UNSEEN_SLACK`]: calls admitted
+    /// This dimension alone held the call at least a quarter second: calls admitted
     /// before it were paced out ahead of it (not admitted in the same burst), so the
     /// provider's answer to it counts all of them but the slack's worth. Only such an
     /// answer loosens the dimension.
