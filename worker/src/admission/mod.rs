@@ -40,6 +40,9 @@ const LEASES_SCRIPT: &str = include_str!("llmq_leases_v1.lua");
 /// its header did not count them): a header's count is taken less this much of the rate.
 const UNSEEN_SLACK: Duration = Duration::from_millis(250);
 
+/// How long the fleet's queue seen at an acquire is taken to still hold.
+const PROMISES_KEPT: Duration = Duration::from_secs(60);
+
 /// How late after its slot a call may leave (the claim's write, a busy replica); see
 /// `llmq_budget_send_lateness_seconds`.
 const SEND_JITTER: Duration = Duration::from_millis(100);
@@ -336,7 +339,7 @@ pub struct Admission {
     local: Mutex<HashMap<String, Arc<local::LocalScope>>>,
     replicas: Mutex<Replicas>,
     owed: Mutex<HashMap<String, Owed>>,
-    promised: Mutex<HashMap<String, Instant>>,
+    promised: Mutex<HashMap<String, (Instant, Duration)>>,
     redis_down: AtomicBool,
     instance: String,
 }
@@ -564,6 +567,11 @@ impl Admission {
                 continue;
             };
             match waited {
+                Ok(()) if self.pool.is_some() && !self.redis_down.load(Ordering::Relaxed) => {
+                    // Redis answered while this job waited on the local share: the
+                    // shared budget admits it (the local tokens stay spent).
+                    continue;
+                }
                 Ok(()) => {
                     if self.pool.is_some() {
                         self.owe(scope, &amounts);
@@ -960,9 +968,12 @@ impl Admission {
                     .lock()
                     .ok()
                     .and_then(|p| p.get(&name).copied());
-                if let Some(until) = promised {
-                    let left = until.saturating_duration_since(Instant::now());
-                    local.start_after(left.min(self.max_wait));
+                // The fleet keeps sending the slots Redis promised it, as far ahead as
+                // the queue was when this replica last asked: the share starts after.
+                if let Some((at, wait)) = promised {
+                    if at.elapsed() < PROMISES_KEPT {
+                        local.start_after(wait.min(self.max_wait));
+                    }
                 }
                 Arc::new(local)
             })
@@ -981,18 +992,15 @@ impl Admission {
         }
     }
 
-    /// Notes the latest slot the shared budget promised this replica on `scope`.
+    /// Notes how far ahead the shared budget was promising slots on `scope` (the wait it
+    /// gave this replica's latest call: the fleet's queue at that moment).
     fn promise(&self, scope: &Scope, wait: Duration) {
-        let until = Instant::now() + wait;
+        let now = Instant::now();
         if let Ok(mut p) = self.promised.lock() {
             if p.len() >= 1_000 {
-                let now = Instant::now();
-                p.retain(|_, u| *u > now);
+                p.retain(|_, (at, _)| now.duration_since(*at) < PROMISES_KEPT);
             }
-            let e = p.entry(scope.hashes.join("|")).or_insert(until);
-            if *e < until {
-                *e = until;
-            }
+            p.insert(scope.hashes.join("|"), (now, wait));
         }
     }
 
