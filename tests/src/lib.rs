@@ -32,6 +32,20 @@ pub fn redis_url() -> String {
     std::env::var("LLMQ_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
 }
 
+/// The arguments scripts/services.sh starts Redis with.
+pub const REDIS_ARGS: [&str; 10] = [
+    "--daemonize",
+    "yes",
+    "--bind",
+    "127.0.0.1",
+    "--port",
+    "6379",
+    "--save",
+    "",
+    "--appendonly",
+    "no",
+];
+
 /// Broker used by the tests.
 pub fn amqp_url() -> String {
     std::env::var("LLMQ_TEST_AMQP_URL")

@@ -29,7 +29,7 @@ use lapin::options::{
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use llmq_mock_provider::{Faults, MockConfig};
 use llmq_producer_sdk::{ChatMessage, JobId, NewJob};
-use llmq_tests::{amqp_url, spawn_app_with, AppOptions, TestApp};
+use llmq_tests::{amqp_url, spawn_app_with, AppOptions, TestApp, REDIS_ARGS};
 use llmq_worker::admission::{Admission, Admit};
 use llmq_worker::settings::RateLimitSettings;
 use tokio_util::sync::CancellationToken;
@@ -85,20 +85,6 @@ fn pg_version() -> String {
     });
     versions.pop().unwrap_or_else(|| "15".into())
 }
-
-/// The arguments scripts/services.sh starts Redis with.
-const REDIS_ARGS: [&str; 10] = [
-    "--daemonize",
-    "yes",
-    "--bind",
-    "127.0.0.1",
-    "--port",
-    "6379",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-];
 
 fn wait_until(limit: Duration, ready: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + limit;

@@ -31,7 +31,7 @@ use std::time::{Duration, Instant};
 use clap::{Parser, ValueEnum};
 use llmq_mock_provider::{Admitted, Limits, MockConfig};
 use llmq_producer_sdk::{ChatMessage, NewJob};
-use llmq_tests::{spawn_app_with, AppOptions, TestApp};
+use llmq_tests::{spawn_app_with, AppOptions, TestApp, REDIS_ARGS};
 
 #[derive(Parser)]
 #[command(about = "Rate-limit fidelity: wall time of fixed batches against the ideal")]
@@ -84,19 +84,6 @@ const TOKEN_BURST_SECS: f64 = 60.0;
 /// Redis is shut down this long after the restart row's first admission.
 const RESTART_AFTER_MS: u64 = 20_000;
 const REDIS_DOWN: Duration = Duration::from_secs(3);
-/// The arguments scripts/services.sh starts Redis with.
-const REDIS_ARGS: [&str; 10] = [
-    "--daemonize",
-    "yes",
-    "--bind",
-    "127.0.0.1",
-    "--port",
-    "6379",
-    "--save",
-    "",
-    "--appendonly",
-    "no",
-];
 const TERMINAL: &str = "('succeeded', 'failed', 'cancelled', 'expired')";
 const SEND_LATENESS: &str = "llmq_budget_send_lateness_seconds_bucket";
 

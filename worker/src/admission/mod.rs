@@ -867,10 +867,7 @@ impl Admission {
                     Err(e) => self.redis_failed(&e),
                 }
             }
-            let share = match self.mode {
-                AdmissionMode::Local => 1.0,
-                AdmissionMode::Global => 1.0 / f64::from(self.replicas().max(1)),
-            };
+            let share = self.share();
             let semaphores: Vec<Arc<tokio::sync::Semaphore>> = {
                 let mut map = match self.local_leases.lock() {
                     Ok(m) => m,
@@ -949,10 +946,7 @@ impl Admission {
     }
 
     fn local_scope(&self, scope: &Scope) -> Arc<local::LocalScope> {
-        let share = match self.mode {
-            AdmissionMode::Local => 1.0,
-            AdmissionMode::Global => 1.0 / f64::from(self.replicas().max(1)),
-        };
+        let share = self.share();
         let mut map = match self.local.lock() {
             Ok(m) => m,
             Err(poisoned) => poisoned.into_inner(),
@@ -1001,6 +995,15 @@ impl Admission {
                 p.retain(|_, (at, _)| now.duration_since(*at) < PROMISES_KEPT);
             }
             p.insert(scope.hashes.join("|"), (now, wait));
+        }
+    }
+
+    /// The part of each limit this replica may use on its own: all of it in `local`
+    /// mode, 1/N when it stands in for the shared budget.
+    fn share(&self) -> f64 {
+        match self.mode {
+            AdmissionMode::Local => 1.0,
+            AdmissionMode::Global => 1.0 / f64::from(self.replicas().max(1)),
         }
     }
 
