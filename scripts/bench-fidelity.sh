@@ -21,7 +21,8 @@
 #   bash scripts/bench-fidelity.sh [--workers 8] [--concurrency 4] [--latency-ms 300]
 #       [--rows all] [--naive] [--warm-wait-secs 60]
 #   bash scripts/bench-fidelity.sh --ci    # all rows, W-RPM batches halved, no naive; ~9 min
-# Worker logs: target/bench-fidelity/.
+# Worker logs: target/bench-fidelity/. FIDELITY_DUMP=<dir> also writes each row's
+# provider admissions (ms since the mock started, tokens charged, model) as CSV there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/services.sh >/dev/null

@@ -793,6 +793,15 @@ impl Batch<'_> {
         eprintln!("{tag} send lateness: {}", histogram_line(&lateness));
 
         let log = self.in_range(&mock.admitted(), start_ms, end_ms);
+        if let Some(dir) = std::env::var_os("FIDELITY_DUMP") {
+            let rows: String = log
+                .iter()
+                .map(|a| format!("{},{},{}\n", a.at_ms, a.tokens, a.model))
+                .collect();
+            let file =
+                std::path::Path::new(&dir).join(format!("{}-{}.csv", self.slug, self.mode.name()));
+            let _ = std::fs::write(file, rows);
+        }
         let stats = mock.stats();
         let charged: u64 = log.iter().map(|a| a.tokens).sum();
         // What the provider admitted and charged, once the batch is over; what was
