@@ -94,7 +94,8 @@ pub struct AdmissionSettings {
     pub mode: AdmissionMode,
     /// Prefix of the Redis keys; replicas sharing a provider account must share it.
     pub namespace: String,
-    /// Fraction of every limit kept unused, e.g. 0.02.
+    /// Fraction of every limit kept unused (default 0: the headers keep the budget at the
+    /// provider's count; e.g. 0.02 when traffic llmq does not see shares the key).
     pub safety_margin: f64,
     /// A job whose slot is further away than this goes back to the queue uncharged.
     pub max_wait_secs: u64,

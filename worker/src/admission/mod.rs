@@ -17,7 +17,7 @@
 mod estimate;
 mod local;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -32,7 +32,7 @@ pub use estimate::prompt_tokens;
 use crate::settings::{AdmissionMode, LimitScope, ProviderSettings, RateLimitSettings, Settings};
 
 /// The budget script (see the file for its calling convention and results).
-const BUDGET_SCRIPT: &str = include_str!("llmq_budget_v2.lua");
+const BUDGET_SCRIPT: &str = include_str!("llmq_budget_v3.lua");
 /// The concurrency-lease script.
 const LEASES_SCRIPT: &str = include_str!("llmq_leases_v1.lua");
 
@@ -43,9 +43,15 @@ const UNSEEN_SLACK: Duration = Duration::from_millis(250);
 /// How long the fleet's queue seen at an acquire is taken to still hold.
 const PROMISES_KEPT: Duration = Duration::from_secs(60);
 
-/// How late after its slot a call may leave (the claim's write, a busy replica); see
-/// `llmq_budget_send_lateness_seconds`.
-const SEND_JITTER: Duration = Duration::from_millis(100);
+/// How much later than others a call may reach the provider after its slot: it leaves
+/// late (the claim's write, a busy replica; see `llmq_budget_send_lateness_seconds`) or
+/// takes longer on the way (a new connection). A bucket of a short window keeps this
+/// much of its rate in hand; it costs one such share once per burst, not a rate.
+const SEND_JITTER: Duration = Duration::from_millis(200);
+
+/// How long the calls after a budget's first call (its probe) wait for the probe's answer
+/// to set the bucket before they go on from the bucket assumed empty.
+const PROBE: Duration = Duration::from_secs(2);
 
 /// How long a lease on a concurrency slot lasts unless renewed; a running call renews
 /// it every third of this, so a replica that dies frees its slots within this.
@@ -150,17 +156,25 @@ impl Scope {
             .collect()
     }
 
-    /// What the provider's headers say is left, per dimension. Providers count the
-    /// minute, so only a bucket that holds a minute's worth takes their count; a bucket
-    /// of a shorter window (requests paced per second) cannot tell from it how much of
-    /// its second is left, and takes nothing (it starts empty and costs at most its
-    /// window when its state is unknown).
+    /// What the provider's headers say is left, per dimension, in the units of each
+    /// bucket. Providers count the minute. For a bucket of a shorter window (requests
+    /// paced per second), the provider's own short bucket sees the same calls and refills
+    /// at the same rate as its minute, so it holds at least its size less the minute's
+    /// shortfall (`left - (limit - size)`); that needs the header's limit, and without it
+    /// such a bucket learns nothing. It only ever tightens such a bucket (another client
+    /// on the key), never loosens it.
     pub fn seen(&self, r: &crate::provider::Remaining) -> Vec<Option<u64>> {
         self.dims
             .iter()
             .map(|d| {
                 let left = r.for_dim(d.name())?;
-                (d.window_secs >= 60.0).then_some(left)
+                if d.window_secs >= 60.0 {
+                    return Some(left);
+                }
+                let limit = r.limit_for_dim(d.name())?;
+                let size = limit as f64 * d.window_secs / 60.0;
+                let short = limit.saturating_sub(left) as f64;
+                Some((size - short).max(0.0).floor() as u64)
             })
             .collect()
     }
@@ -194,11 +208,13 @@ impl Scope {
             return vec![false; self.dims.len()];
         }
         let named = |kind: DimKind| -> bool {
+            // A bucket of a short window reads 0 whenever the minute is a little
+            // spent, which says nothing about which limit ran out.
             let zero = self
                 .dims
                 .iter()
                 .zip(remaining)
-                .any(|(d, r)| d.kind == kind && *r == Some(0));
+                .any(|(d, r)| d.kind == kind && d.window_secs >= 60.0 && *r == Some(0));
             zero || match kind {
                 DimKind::Requests => {
                     error_type == Some("requests")
@@ -251,7 +267,7 @@ impl Reservation {
         let a = self.seq.get(i).copied().unwrap_or(Admitted {
             gen: -1,
             seq: -1,
-            paced: false,
+            paced: Paced::No,
         });
         [
             remaining
@@ -261,7 +277,7 @@ impl Reservation {
                 .map_or("-1".to_owned(), |v| v.to_string()),
             a.gen.to_string(),
             a.seq.to_string(),
-            u8::from(a.paced).to_string(),
+            (a.paced as u8).to_string(),
         ]
     }
 }
@@ -273,11 +289,25 @@ pub struct Admitted {
     pub gen: i64,
     /// Units admitted up to and including this call.
     pub seq: i64,
-    /// This dimension alone held the call at least a quarter second: calls admitted
-    /// before it were paced out ahead of it (not admitted in the same burst), so the
-    /// provider's answer to it counts all of them but the slack's worth. Only such an
-    /// answer loosens the dimension.
-    pub paced: bool,
+    /// Whether the provider's answer to this call may loosen the dimension.
+    pub paced: Paced,
+}
+
+/// How a call's slot stood against the calls admitted before it, in one dimension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Paced {
+    /// Admitted in a burst, or another call admitted before it got a later slot: the
+    /// provider's answer to it may not count calls our count says it has seen, so it
+    /// only ever tightens.
+    No = 0,
+    /// This dimension alone held the call at least a quarter second and no call
+    /// admitted before it got a later slot: the answer counts them all but the calls
+    /// whose slots fell within that quarter second (allowed for), and may loosen.
+    Yes = 1,
+    /// Paced, and no call admitted before it has a slot within a quarter second of its
+    /// own: the answer counts every one of them.
+    Alone = 2,
 }
 
 /// A slot under a scope's concurrency caps, held for one call.
@@ -352,8 +382,20 @@ struct Replicas {
     lower_since: Option<Instant>,
 }
 
-/// What the local fallback admitted on a scope while Redis was unreachable.
-type Owed = (Arc<Scope>, Vec<u64>);
+/// What the local fallback admitted on a scope while Redis was unreachable, oldest first;
+/// calls close together share an entry.
+type Owed = (Arc<Scope>, VecDeque<OwedEntry>);
+
+/// Local admissions made between `first` and `last`, with their amounts per dimension.
+struct OwedEntry {
+    first: Instant,
+    last: Instant,
+    amounts: Vec<u64>,
+}
+
+/// Local admissions this close together are kept as one entry of the owed ledger (or a
+/// 600th of the scope's longest window, so a ledger never holds more than 600 entries).
+const OWED_GRAIN: Duration = Duration::from_millis(100);
 
 const REPLICAS_LOWER_AFTER: Duration = Duration::from_secs(60);
 
@@ -494,7 +536,11 @@ impl Admission {
                             / 60.0)
                             .max(1.0),
                         window_secs: burst_secs,
-                        learn: self.learn,
+                        // A short window's count is inferred from the minute's (see
+                        // `Scope::seen`): it may tighten that bucket, never set it
+                        // (measured: loosening it from paced answers let the fleet
+                        // over-admit requests on mixed-size batches).
+                        learn: self.learn && burst_secs >= 60.0,
                     });
                 }
             }
@@ -541,10 +587,22 @@ impl Admission {
                     extra: vec![
                         max_wait.as_millis().to_string(),
                         UNSEEN_SLACK.as_millis().to_string(),
+                        PROBE.as_millis().to_string(),
                     ],
                     marker: None,
                 };
                 match self.eval(call).await {
+                    Ok(r) if r.first() == Some(&3) => {
+                        // The budget's first call is out as a probe: its answer sets
+                        // the bucket, and then this call gets a slot from it.
+                        self.redis_up().await;
+                        if asked.elapsed() >= max_wait {
+                            return Admit::TooBusy { wait: max_wait };
+                        }
+                        let ms = r.get(1).copied().unwrap_or(100).clamp(1, 100);
+                        tokio::time::sleep(Duration::from_millis(ms.unsigned_abs())).await;
+                        continue;
+                    }
                     Ok(r) => {
                         self.redis_up().await;
                         return self.admit_reply(scope, amounts, &r);
@@ -574,7 +632,7 @@ impl Admission {
                 }
                 Ok(()) => {
                     if self.pool.is_some() {
-                        self.owe(scope, &amounts);
+                        self.owe(scope, Instant::now(), &amounts);
                     }
                     return Admit::Go {
                         wait: Duration::ZERO,
@@ -616,7 +674,11 @@ impl Admission {
                     .map(|c| Admitted {
                         gen: c[0],
                         seq: c[1],
-                        paced: c[2] == 1,
+                        paced: match c[2] {
+                            2 => Paced::Alone,
+                            1 => Paced::Yes,
+                            _ => Paced::No,
+                        },
                     })
                     .collect();
                 Admit::Go {
@@ -974,15 +1036,36 @@ impl Admission {
             .clone()
     }
 
-    /// Notes what the local fallback admitted, to charge the shared budget with later.
-    fn owe(&self, scope: &Arc<Scope>, amounts: &[u64]) {
-        if let Ok(mut o) = self.owed.lock() {
-            let entry = o
-                .entry(scope.hashes.join("|"))
-                .or_insert_with(|| (scope.clone(), vec![0; amounts.len()]));
-            for (sum, a) in entry.1.iter_mut().zip(amounts) {
-                *sum = sum.saturating_add(*a);
+    /// Notes what the local fallback admitted `at`, to charge the shared budget with
+    /// later. Only what the longest window of the scope still counts is kept.
+    fn owe(&self, scope: &Arc<Scope>, at: Instant, amounts: &[u64]) {
+        let Ok(mut o) = self.owed.lock() else {
+            return;
+        };
+        let (_, ledger) = o
+            .entry(scope.hashes.join("|"))
+            .or_insert_with(|| (scope.clone(), VecDeque::new()));
+        let window = scope.dims.iter().map(|d| d.window_secs).fold(1.0, f64::max);
+        let window = Duration::from_secs_f64(window.min(3_600.0));
+        while ledger
+            .front()
+            .is_some_and(|e| at.saturating_duration_since(e.last) > window)
+        {
+            ledger.pop_front();
+        }
+        let grain = OWED_GRAIN.max(window / 600);
+        match ledger.back_mut() {
+            Some(e) if at.saturating_duration_since(e.first) < grain => {
+                for (sum, a) in e.amounts.iter_mut().zip(amounts) {
+                    *sum = sum.saturating_add(*a);
+                }
+                e.last = e.last.max(at);
             }
+            _ => ledger.push_back(OwedEntry {
+                first: at,
+                last: at,
+                amounts: amounts.to_vec(),
+            }),
         }
     }
 
@@ -1028,19 +1111,36 @@ impl Admission {
             Err(_) => Vec::new(),
         };
         let mut charged = 0usize;
-        for (scope, spent) in owed {
+        for (scope, ledger) in owed {
+            // Each entry as how long ago it was admitted, then its amounts: the script
+            // charges only what the bucket does not already count as spent.
+            let now = Instant::now();
+            let mut extra = vec![ledger.len().to_string()];
+            // An entry counts as admitted at its latest call: it is charged whole if
+            // any of it may still be unrefilled.
+            for e in &ledger {
+                extra.push(
+                    now.saturating_duration_since(e.last)
+                        .as_millis()
+                        .to_string(),
+                );
+                extra.extend(e.amounts.iter().map(u64::to_string));
+            }
+            let zeros = vec![0; scope.dims.len()];
             let call = Call {
                 op: "charge",
                 scope: &scope,
-                amounts: &spent,
-                extra: Vec::new(),
+                amounts: &zeros,
+                extra,
                 marker: None,
             };
             if self.eval(call).await.is_ok() {
                 charged += 1;
             } else {
                 // Still owed: charged on the next return.
-                self.owe(&scope, &spent);
+                for e in ledger {
+                    self.owe(&scope, e.last, &e.amounts);
+                }
             }
         }
         info!(

@@ -1,4 +1,4 @@
--- llmq_budget_v2: the fleet's shared budget, one atomic script.
+-- llmq_budget_v3: the fleet's shared budget, one atomic script.
 --
 -- Called by worker/src/admission/mod.rs (`Admission::eval`, replies decoded by the
 -- methods beside it); change both together and bump the version in this file's name
@@ -17,6 +17,9 @@
 --             adm:<dim>    units ever admitted (to tell what a provider header has not seen)
 --             gen:<dim>    when adm:<dim> began counting (a restarted Redis starts anew)
 --             big:<dim>    the largest amount admitted (while the state lives)
+--             last:<dim>   the latest slot handed out, ms
+--             probe:<dim>  until when calls wait for the probe's answer, ms
+--             probeseq:<dim> the probe's adm (its settle frees the waiting calls)
 --             pause_until  fleet pause after a provider 429, ms
 -- ARGV[1]   op: acquire | settle | learn | pause | check | peek | charge
 -- ARGV[2]   n, the number of dimensions; then 6 values per dimension:
@@ -24,14 +27,18 @@
 --             holds), amount, learn (1: the provider's headers, taken to this bucket's
 --             units by the caller, may set it)
 -- then, per op:
---   acquire: max_wait_ms, slack_ms
+--   acquire: max_wait_ms, slack_ms, probe_ms
 --                                -> {0, wait_ms, pause_ms, gen_1, seq_1, paced_1, ...}
 --                                   go (charged) at now+wait; seq = adm after the charge;
---                                   paced = this dimension alone held it >= slack_ms
+--                                   paced = this dimension alone held it >= slack_ms, and
+--                                   no call admitted before it has a later slot (1), nor
+--                                   one within slack_ms before it (2)
 --                                  {1, dim_index, 0}      amount > burst: never fits
 --                                  {2, wait_ms, pause_ms} wait > max_wait: not charged
+--                                  {3, retry_ms, pause_ms} a probe's answer is awaited:
+--                                                         ask again in retry_ms
 --   settle:  refund(0|1), call_ms (send to answer), slack_ms, then per dimension:
---            actual, remaining (-1 unknown), gen, seq (-1 unknown), paced (0|1)
+--            actual, remaining (-1 unknown), gen, seq (-1 unknown), paced (0|1|2)
 --                                -> {1} applied, {0} already settled (idempotent)
 --   learn:   call_ms, slack_ms, then per dimension: remaining, gen, seq, paced
 --            (a streamed answer's headers, as soon as they arrive) -> {1}
@@ -39,12 +46,14 @@
 --                                -> {remaining pause ms}
 --   check:                       -> {remaining pause ms}
 --   peek:    ahead (jobs served first) -> {ms until a job of these amounts would start}
---   charge:  (amounts used while Redis was unreachable) -> {1}
+--   charge:  m, then m entries of (ms ago, amount per dimension): what was admitted
+--            while Redis was unreachable (amounts in the dimension args unused) -> {1}
 --
 -- Time is Redis server time (TIME), so replicas' clocks do not matter. A dimension with
 -- no state (first use, or Redis restarted empty) starts EMPTY: we cannot know what was
--- spent in the last minute. The first answer whose headers report the provider's own
--- count sets it (settle, `learn`), so an idle account's minute is not thrown away.
+-- spent in the last minute. Where the headers can tell, the first call is a probe and
+-- the rest wait for its answer, whose count sets the bucket (settle, `learn`), so an
+-- idle account's minute is not thrown away.
 -- State expires after a day idle.
 
 local t = redis.call('TIME')
@@ -80,6 +89,10 @@ end
 local function save()
   for i = 1, n do
     redis.call('HSET', dims[i].key, 'tat:' .. dims[i].name, string.format('%.3f', dims[i].tat))
+    if not dims[i].known then
+      -- The state begins now, empty (what was admitted before it counts as spent).
+      redis.call('HSETNX', dims[i].key, 'gen:' .. dims[i].name, string.format('%d', now))
+    end
   end
   for k = 2, #KEYS do
     redis.call('PEXPIRE', KEYS[k], 86400000)
@@ -102,7 +115,8 @@ end
 -- What a provider header says is left (`remaining`, -1 unknown) of a dimension, seen on
 -- the answer to a call admitted as number `seq` of generation `gen`, `call_ms` after it
 -- was sent.
-local function observe(d, remaining, gen, seq, call_ms, slack_ms, loosen)
+local function observe(d, remaining, gen, seq, call_ms, slack_ms, paced)
+  local loosen = paced > 0
   if remaining < 0 then
     return
   end
@@ -116,11 +130,18 @@ local function observe(d, remaining, gen, seq, call_ms, slack_ms, loosen)
     local my_gen = tonumber(redis.call('HGET', d.key, 'gen:' .. d.name) or '-1')
     local adm = tonumber(redis.call('HGET', d.key, 'adm:' .. d.name) or '0')
     if my_gen == gen and adm >= seq then
+      -- Heard from the provider: calls waiting on a probe go on.
+      redis.call('HDEL', d.key, 'probe:' .. d.name, 'probeseq:' .. d.name)
       local since = adm - seq
       -- One call admitted just before this one may have reached the provider after it:
       -- allow for the largest call admitted lately, beyond slack_ms of the rate.
       local big = tonumber(redis.call('HGET', d.key, 'big:' .. d.name) or '0')
       local lower = remaining - since - slack_ms / d.interval - big
+      if paced == 2 then
+        -- No call admitted before it had a slot within slack_ms: only one that left
+        -- far later than its slot could have been missed (the largest, at most).
+        lower = remaining - since - big
+      end
       local upper = remaining - since + call_ms / d.interval
       local l = level(d)
       if loosen and l < lower then
@@ -139,14 +160,36 @@ end
 if op == 'acquire' then
   local max_wait = tonumber(ARGV[rest + 1])
   local slack_ms = tonumber(ARGV[rest + 2])
+  local probe_ms = tonumber(ARGV[rest + 3])
   local start = math.max(now, pause_until)
+  -- A dimension the headers can set, with no state yet: this call goes at once as the
+  -- probe, and the calls after it wait for its answer to set the bucket (at most
+  -- probe_ms, then they go on from the empty start), so no slot is promised from a
+  -- bucket only assumed empty.
+  local probe = {}
+  for i = 1, n do
+    local d = dims[i]
+    if d.learn then
+      local p = redis.call('HGET', d.key, 'probe:' .. d.name)
+      if p then
+        local left = tonumber(p) - now
+        if left > 0 then
+          return {3, math.ceil(math.min(left, 100)), pause_left()}
+        end
+      elseif not d.known then
+        probe[i] = true
+      end
+    end
+  end
   for i = 1, n do
     local d = dims[i]
     if d.amount > d.burst then
       return {1, i, 0}
     end
     -- earliest instant this dimension has room: its TAT after the charge, less its burst
-    start = math.max(start, math.max(d.tat, now) + d.amount * d.interval - d.tau)
+    if not probe[i] then
+      start = math.max(start, math.max(d.tat, now) + d.amount * d.interval - d.tau)
+    end
   end
   local wait = start - now
   if wait > max_wait then
@@ -160,9 +203,25 @@ if op == 'acquire' then
   for i = 1, n do
     local d = dims[i]
     -- Paced on this dimension: it alone would have kept the call waiting at least
-    -- slack_ms, so calls admitted before it were spread out ahead of it.
+    -- slack_ms, so calls admitted before it were spread out ahead of it; and no call
+    -- admitted before it has a later slot (one held by another dimension while this
+    -- call used the bucket's room), or the provider's count for this call would miss
+    -- calls our count says it has seen.
+    -- Paced and alone: no call admitted before it has a slot within slack_ms of its
+    -- own, so none can reach the provider after it (2: its count needs no allowance
+    -- for such calls).
     local own_wait = math.max(d.tat, now) + d.amount * d.interval - d.tau - now
-    local paced = own_wait >= slack_ms and 1 or 0
+    local last = tonumber(redis.call('HGET', d.key, 'last:' .. d.name) or '0')
+    local paced = 0
+    if probe[i] then
+      paced = 1
+      redis.call('HSET', d.key, 'probe:' .. d.name, string.format('%.3f', now + probe_ms))
+    elseif own_wait >= slack_ms and start >= last then
+      paced = (last > 0 and start - last >= slack_ms) and 2 or 1
+    end
+    if start > last then
+      redis.call('HSET', d.key, 'last:' .. d.name, string.format('%.3f', start))
+    end
     d.tat = math.max(d.tat, start) + d.amount * d.interval
     local gen = redis.call('HGET', d.key, 'gen:' .. d.name)
     if not gen then
@@ -173,6 +232,9 @@ if op == 'acquire' then
     local big = tonumber(redis.call('HGET', d.key, 'big:' .. d.name) or '0')
     if d.amount > big then
       redis.call('HSET', d.key, 'big:' .. d.name, d.amount)
+    end
+    if probe[i] then
+      redis.call('HSET', d.key, 'probeseq:' .. d.name, adm)
     end
     reply[#reply + 1] = tonumber(gen)
     reply[#reply + 1] = adm
@@ -191,13 +253,20 @@ elseif op == 'settle' then
   for i = 1, n do
     local d = dims[i]
     local a = rest + 3 + (i - 1) * 5
+    -- The probe's own reservation settled (answered, failed or never sent): whatever
+    -- it taught, the calls waiting on it go on.
+    local probeseq = redis.call('HGET', d.key, 'probeseq:' .. d.name)
+    if probeseq and tonumber(probeseq) == tonumber(ARGV[a + 4])
+        and tonumber(redis.call('HGET', d.key, 'gen:' .. d.name) or '-1') == tonumber(ARGV[a + 3]) then
+      redis.call('HDEL', d.key, 'probe:' .. d.name, 'probeseq:' .. d.name)
+    end
     local delta = tonumber(ARGV[a + 1]) - d.amount
     if delta > 0 then
       d.tat = math.max(d.tat, now) + delta * d.interval      -- charge the excess
     elseif delta < 0 and refund then
       d.tat = math.max(d.tat + delta * d.interval, now)       -- give back, never past full
     end
-    observe(d, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), call_ms, slack_ms, ARGV[a + 5] == '1')
+    observe(d, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), call_ms, slack_ms, tonumber(ARGV[a + 5]))
   end
   save()
   return {1}
@@ -207,7 +276,7 @@ elseif op == 'learn' then
   local slack_ms = tonumber(ARGV[rest + 2])
   for i = 1, n do
     local a = rest + 2 + (i - 1) * 4
-    observe(dims[i], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), call_ms, slack_ms, ARGV[a + 4] == '1')
+    observe(dims[i], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), call_ms, slack_ms, tonumber(ARGV[a + 4]))
   end
   save()
   return {1}
@@ -221,9 +290,11 @@ elseif op == 'pause' then
     end
   end
   -- Only the dimensions the provider named are drained, to what it says is left (0 when
-  -- it does not say); the others keep their state.
+  -- it does not say); the others keep their state. The provider has answered: no call
+  -- waits on a probe any more.
   for i = 1, n do
     local d = dims[i]
+    redis.call('HDEL', d.key, 'probe:' .. d.name, 'probeseq:' .. d.name)
     local a = rest + 1 + (i - 1) * 2
     if ARGV[a + 1] == '1' then
       local remaining = math.max(0, tonumber(ARGV[a + 2]))
@@ -248,14 +319,36 @@ elseif op == 'peek' then
   return {math.ceil(start - now)}
 
 elseif op == 'charge' then
-  -- What replicas admitted on their local share while Redis was unreachable is spent;
-  -- at most a bucketful (what was spent longer ago has been refilled since).
+  -- What a replica admitted on its local share while Redis was unreachable, as entries
+  -- (ms ago, amount per dimension). Only what the bucket does not already count as spent
+  -- is charged: what was admitted within the bucket's window (older has refilled since)
+  -- and after its state began (a restarted Redis starts empty, which counts the window
+  -- before as spent); at most a bucketful.
+  local m = tonumber(ARGV[rest + 1])
   for i = 1, n do
     local d = dims[i]
-    d.tat = math.max(d.tat, now) + math.min(d.amount, d.burst) * d.interval
+    local gen = redis.call('HGET', d.key, 'gen:' .. d.name)
+    if not d.known or not gen then
+      -- No state: it starts empty now, which already counts every local admission.
+      redis.call('HSET', d.key, 'gen:' .. d.name, string.format('%d', now))
+    else
+      local since = math.max(tonumber(gen), now - d.tau)
+      local spent = 0
+      for e = 1, m do
+        local a = rest + 1 + (e - 1) * (n + 1)
+        if now - tonumber(ARGV[a + 1]) >= since then
+          spent = spent + tonumber(ARGV[a + 1 + i])
+        end
+      end
+      local charged = math.floor(math.min(spent, d.burst))
+      d.tat = math.max(d.tat, now) + charged * d.interval
+      -- Counted as admitted too: an answer to a call admitted before this charge must
+      -- not loosen it away.
+      redis.call('HINCRBY', d.key, 'adm:' .. d.name, charged)
+    end
   end
   save()
   return {1}
 end
 
-return redis.error_reply('llmq_budget_v2: unknown op ' .. tostring(op))
+return redis.error_reply('llmq_budget_v3: unknown op ' .. tostring(op))
