@@ -279,7 +279,10 @@ async fn a_probe_that_never_reaches_the_provider_frees_the_calls_waiting_on_it()
         admission.acquire(&scope, scope.demand(4_000, 1_000)),
     )
     .await;
-    assert!(next.is_ok(), "a call kept waiting on a probe that was given back");
+    assert!(
+        next.is_ok(),
+        "a call kept waiting on a probe that was given back"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
