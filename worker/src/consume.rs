@@ -233,6 +233,15 @@ const DEFERRALS_HEADER: &str = "x-llmq-deferrals";
 /// time up to this, well inside RabbitMQ's default 30-minute consumer timeout.
 const MAX_GROWN_WAIT: Duration = Duration::from_secs(15 * 60);
 
+/// The furthest budget slot a job accepts after it was sent back `deferrals` times:
+/// `max_wait` (at least 1 s), doubled each time, up to [`MAX_GROWN_WAIT`] (or `max_wait`
+/// when that is longer). A large job therefore gets a slot behind steady small ones.
+fn grown_max_wait(max_wait: Duration, deferrals: u32) -> Duration {
+    let base = max_wait.max(Duration::from_secs(1));
+    base.saturating_mul(1 << deferrals.min(16))
+        .min(MAX_GROWN_WAIT.max(base))
+}
+
 /// A small count carried in a message header (0 when absent or not a count).
 fn header_u32(delivery: &Delivery, name: &str) -> u32 {
     match delivery
@@ -473,11 +482,8 @@ impl Worker {
             // large job is never deferred forever behind a stream of small ones.
             // Held below RabbitMQ's consumer timeout (30 min by default), which would
             // take the delivery back from under a waiting job.
-            let deferrals = header_u32(&delivery, DEFERRALS_HEADER).min(8);
-            let base = self.admission.max_wait().max(Duration::from_secs(1));
-            let max_wait = base
-                .saturating_mul(1 << deferrals)
-                .min(MAX_GROWN_WAIT.max(base));
+            let deferrals = header_u32(&delivery, DEFERRALS_HEADER);
+            let max_wait = grown_max_wait(self.admission.max_wait(), deferrals);
             loop {
                 match self
                     .admission
@@ -508,7 +514,7 @@ impl Worker {
                             deferrals, "budget slot too far away; back to the queue uncharged"
                         );
                         return self
-                            .defer(delivery, &env, wait, cursor, deferrals + 1)
+                            .defer(delivery, &env, wait, cursor, deferrals.saturating_add(1))
                             .await;
                     }
                     Admit::Go {
@@ -1801,5 +1807,28 @@ async fn reload_on_sighup(
     {
         let _ = (source, admission);
         stop.cancelled().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_job_sent_back_for_budget_accepts_a_further_slot_each_time_up_to_a_cap() {
+        let base = Duration::from_secs(5);
+        assert_eq!(grown_max_wait(base, 0), base);
+        assert_eq!(grown_max_wait(base, 1), Duration::from_secs(10));
+        assert_eq!(grown_max_wait(base, 3), Duration::from_secs(40));
+        // Capped inside RabbitMQ's consumer timeout, however often it came back (a
+        // header from outside can say anything).
+        assert_eq!(grown_max_wait(base, 8), MAX_GROWN_WAIT);
+        assert_eq!(grown_max_wait(base, u32::MAX), MAX_GROWN_WAIT);
+        // Never below the configured wait, nor below a second.
+        assert_eq!(
+            grown_max_wait(Duration::from_secs(3600), 2),
+            Duration::from_secs(3600)
+        );
+        assert_eq!(grown_max_wait(Duration::ZERO, 0), Duration::from_secs(1));
     }
 }
