@@ -286,6 +286,44 @@ async fn a_probe_that_never_reaches_the_provider_frees_the_calls_waiting_on_it()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_budget_lost_by_redis_is_probed_again_though_calls_in_flight_settle_first() {
+    let admission = Admission::new(&learning(limits(600, 900_000))).unwrap();
+    let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
+    let (_, probe) = go(admission.acquire(&scope, scope.demand(4_000, 1_000)).await);
+    let headers = Remaining {
+        requests: Some(599),
+        tokens: Some(895_000),
+        limits: [Some(600), Some(900_000), None, None],
+        ..Default::default()
+    };
+    let seen = scope.seen(&headers);
+    admission
+        .settle(&probe, &[1, 5_000], &seen, Duration::from_millis(300))
+        .await;
+    let (_, in_flight) = go(admission.acquire(&scope, scope.demand(4_000, 1_000)).await);
+    // Redis restarted empty; the call in flight then settles against the new state.
+    let client = redis::Client::open(redis_url()).unwrap();
+    let mut c = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = c.del(&scope.hashes).await.unwrap();
+    admission
+        .settle(&in_flight, &[1, 5_000], &seen, Duration::from_millis(300))
+        .await;
+    // The budget is still unknown: the next call is a probe (at once, bar the request
+    // bucket's first tenth of a second), and the one after it waits for its answer.
+    let (wait, _) = go(admission.acquire(&scope, scope.demand(4_000, 1_000)).await);
+    assert!(wait < Duration::from_millis(150), "not probed: {wait:?}");
+    let held = tokio::time::timeout(
+        Duration::from_millis(500),
+        admission.acquire(&scope, scope.demand(4_000, 1_000)),
+    )
+    .await;
+    assert!(
+        held.is_err(),
+        "a second call got a slot before the probe's answer"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_to_a_call_paced_apart_from_the_others_is_taken_whole() {
     // 60,000 TPM: 1,000 tokens a second. The probe's answer says nothing is left.
     let admission = Admission::new(&learning(limits(600, 60_000))).unwrap();

@@ -86,12 +86,18 @@ for k = 2, #KEYS do
   pause_until = math.max(pause_until, tonumber(redis.call('HGET', KEYS[k], 'pause_until') or '0'))
 end
 
-local function save()
+-- Writes every dimension's state. A dimension the headers can set and that had no
+-- state is left without one unless `begin` (a call admitted on it): the next call
+-- probes it rather than start from a bucket only assumed empty.
+local function save(begin)
   for i = 1, n do
-    redis.call('HSET', dims[i].key, 'tat:' .. dims[i].name, string.format('%.3f', dims[i].tat))
-    if not dims[i].known then
-      -- The state begins now, empty (what was admitted before it counts as spent).
-      redis.call('HSETNX', dims[i].key, 'gen:' .. dims[i].name, string.format('%d', now))
+    local d = dims[i]
+    if d.known or begin or not d.learn then
+      redis.call('HSET', d.key, 'tat:' .. d.name, string.format('%.3f', d.tat))
+      if not d.known then
+        -- The state begins now, empty (what was admitted before it counts as spent).
+        redis.call('HSETNX', d.key, 'gen:' .. d.name, string.format('%d', now))
+      end
     end
   end
   for k = 2, #KEYS do
@@ -166,6 +172,11 @@ if op == 'acquire' then
   -- probe, and the calls after it wait for its answer to set the bucket (at most
   -- probe_ms, then they go on from the empty start), so no slot is promised from a
   -- bucket only assumed empty.
+  for i = 1, n do
+    if dims[i].amount > dims[i].burst then
+      return {1, i, 0}
+    end
+  end
   local probe = {}
   for i = 1, n do
     local d = dims[i]
@@ -183,9 +194,6 @@ if op == 'acquire' then
   end
   for i = 1, n do
     local d = dims[i]
-    if d.amount > d.burst then
-      return {1, i, 0}
-    end
     -- earliest instant this dimension has room: its TAT after the charge, less its burst
     if not probe[i] then
       start = math.max(start, math.max(d.tat, now) + d.amount * d.interval - d.tau)
@@ -195,8 +203,9 @@ if op == 'acquire' then
   if wait > max_wait then
     -- Nothing is charged, but a limit seen for the first time keeps its (empty) state,
     -- so it fills from now on; unsaved, every later ask would start empty again and a
-    -- job whose first slot is past max_wait would be sent back forever.
-    save()
+    -- job whose first slot is past max_wait would be sent back forever (one the
+    -- headers can set is probed instead).
+    save(false)
     return {2, math.ceil(wait), pause_left()}
   end
   local reply = {0, math.ceil(wait), pause_left()}
@@ -215,7 +224,7 @@ if op == 'acquire' then
     local paced = 0
     if probe[i] then
       paced = 1
-      redis.call('HSET', d.key, 'probe:' .. d.name, string.format('%.3f', now + probe_ms))
+      redis.call('HSET', d.key, 'probe:' .. d.name, string.format('%.3f', start + probe_ms))
     elseif own_wait >= slack_ms and start >= last then
       paced = (last > 0 and start - last >= slack_ms) and 2 or 1
     end
@@ -240,7 +249,7 @@ if op == 'acquire' then
     reply[#reply + 1] = adm
     reply[#reply + 1] = paced
   end
-  save()
+  save(true)
   return reply
 
 elseif op == 'settle' then
@@ -268,7 +277,7 @@ elseif op == 'settle' then
     end
     observe(d, tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), tonumber(ARGV[a + 4]), call_ms, slack_ms, tonumber(ARGV[a + 5]))
   end
-  save()
+  save(false)
   return {1}
 
 elseif op == 'learn' then
@@ -278,7 +287,7 @@ elseif op == 'learn' then
     local a = rest + 2 + (i - 1) * 4
     observe(dims[i], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3]), call_ms, slack_ms, tonumber(ARGV[a + 4]))
   end
-  save()
+  save(false)
   return {1}
 
 elseif op == 'pause' then
@@ -301,7 +310,7 @@ elseif op == 'pause' then
       d.tat = math.max(d.tat, now + d.tau - math.min(remaining, d.burst) * d.interval)
     end
   end
-  save()
+  save(false)
   return {pause_left()}
 
 elseif op == 'check' then
@@ -328,11 +337,14 @@ elseif op == 'charge' then
   for i = 1, n do
     local d = dims[i]
     local gen = redis.call('HGET', d.key, 'gen:' .. d.name)
-    if not d.known or not gen then
-      -- No state: it starts empty now, which already counts every local admission.
-      redis.call('HSET', d.key, 'gen:' .. d.name, string.format('%d', now))
-    else
-      local since = math.max(tonumber(gen), now - d.tau)
+    if d.known then
+      -- A state from before gen was kept has no start: only the window counts.
+      local since = now - d.tau
+      if gen then
+        since = math.max(tonumber(gen), since)
+      else
+        redis.call('HSET', d.key, 'gen:' .. d.name, string.format('%d', now))
+      end
       local spent = 0
       for e = 1, m do
         local a = rest + 1 + (e - 1) * (n + 1)
@@ -347,7 +359,7 @@ elseif op == 'charge' then
       redis.call('HINCRBY', d.key, 'adm:' .. d.name, charged)
     end
   end
-  save()
+  save(false)
   return {1}
 end
 

@@ -1042,8 +1042,12 @@ impl Admission {
         let Ok(mut o) = self.owed.lock() else {
             return;
         };
+        // Keyed by the dimensions too: limits reloaded while Redis is away make another
+        // ledger, never entries of another shape in one.
+        let names: Vec<&str> = scope.dims.iter().map(Dim::name).collect();
+        let key = format!("{}#{}", scope.hashes.join("|"), names.join(","));
         let (_, ledger) = o
-            .entry(scope.hashes.join("|"))
+            .entry(key)
             .or_insert_with(|| (scope.clone(), VecDeque::new()));
         let window = scope.dims.iter().map(|d| d.window_secs).fold(1.0, f64::max);
         let window = Duration::from_secs_f64(window.min(3_600.0));
