@@ -206,6 +206,28 @@ async fn level(scope: &Scope, dim: &str, per_minute: f64, burst: f64) -> f64 {
     (now + burst * interval - tat) / interval
 }
 
+/// What an idle account of 600 RPM and 900k TPM reports after one call: 599 requests
+/// and 895,000 tokens left of the minute.
+fn idle_account() -> Remaining {
+    Remaining {
+        requests: Some(599),
+        tokens: Some(895_000),
+        limits: [Some(600), Some(900_000), None, None],
+        ..Default::default()
+    }
+}
+
+/// Whether a call of 5,000 tokens is still without a slot after half a second (it waits
+/// for a probe's answer).
+async fn held_back(admission: &Admission, scope: &Arc<Scope>) -> bool {
+    tokio::time::timeout(
+        Duration::from_millis(500),
+        admission.acquire(scope, scope.demand(4_000, 1_000)),
+    )
+    .await
+    .is_err()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_unknown_budget_probes_with_one_call_and_learns_the_accounts_count() {
     // 600 RPM per second, 900k TPM over a minute; no state in Redis.
@@ -216,23 +238,12 @@ async fn an_unknown_budget_probes_with_one_call_and_learns_the_accounts_count() 
     assert!(wait < Duration::from_millis(150), "{wait:?}");
     // ...and the next waits for its answer rather than take a slot from a bucket only
     // assumed empty.
-    let held = tokio::time::timeout(
-        Duration::from_millis(500),
-        admission.acquire(&scope, scope.demand(4_000, 1_000)),
-    )
-    .await;
     assert!(
-        held.is_err(),
+        held_back(&admission, &scope).await,
         "a second call got a slot before the probe's answer"
     );
-    // The probe's answer: the idle account has 599 of 600 requests and 895,000 of
-    // 900,000 tokens left of the minute after it.
-    let headers = Remaining {
-        requests: Some(599),
-        tokens: Some(895_000),
-        limits: [Some(600), Some(900_000), None, None],
-        ..Default::default()
-    };
+    // The probe's answer from an idle account.
+    let headers = idle_account();
     let seen = scope.seen(&headers);
     // The request bucket holds a second's worth (10): the provider's second holds at
     // least its size less the minute's shortfall, 10 - 1.
@@ -290,12 +301,7 @@ async fn a_budget_lost_by_redis_is_probed_again_though_calls_in_flight_settle_fi
     let admission = Admission::new(&learning(limits(600, 900_000))).unwrap();
     let scope = admission.scope("openai", "gpt-4o-mini").unwrap();
     let (_, probe) = go(admission.acquire(&scope, scope.demand(4_000, 1_000)).await);
-    let headers = Remaining {
-        requests: Some(599),
-        tokens: Some(895_000),
-        limits: [Some(600), Some(900_000), None, None],
-        ..Default::default()
-    };
+    let headers = idle_account();
     let seen = scope.seen(&headers);
     admission
         .settle(&probe, &[1, 5_000], &seen, Duration::from_millis(300))
@@ -312,13 +318,8 @@ async fn a_budget_lost_by_redis_is_probed_again_though_calls_in_flight_settle_fi
     // bucket's first tenth of a second), and the one after it waits for its answer.
     let (wait, _) = go(admission.acquire(&scope, scope.demand(4_000, 1_000)).await);
     assert!(wait < Duration::from_millis(150), "not probed: {wait:?}");
-    let held = tokio::time::timeout(
-        Duration::from_millis(500),
-        admission.acquire(&scope, scope.demand(4_000, 1_000)),
-    )
-    .await;
     assert!(
-        held.is_err(),
+        held_back(&admission, &scope).await,
         "a second call got a slot before the probe's answer"
     );
 }
