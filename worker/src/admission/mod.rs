@@ -306,7 +306,8 @@ pub enum Paced {
     /// whose slots fell within that quarter second (allowed for), and may loosen.
     Yes = 1,
     /// Paced, and no call admitted before it has a slot within a quarter second of its
-    /// own: the answer counts every one of them.
+    /// own: the answer counts them all but one that left far behind its slot (the
+    /// largest call lately is kept in hand for it, not the quarter second).
     Alone = 2,
 }
 
